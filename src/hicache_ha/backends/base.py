@@ -1,0 +1,111 @@
+"""The one small contract every storage backend implements.
+
+A backend is built from its own config section (``from_config``); the data plane calls it from its
+worker threads only, never from an engine thread, and handles deadlines, fencing and integrity itself.
+A backend maps its library's exceptions to ``hicache_ha.backends.errors`` at its edge.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class BackendConfig(BaseModel):
+    """Fields common to every backend section. Each backend subclasses it with its own fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="unique member name")
+    type: str = Field(description="backend type: a built-in, a registered plugin or module:Class")
+    max_concurrent: Optional[int] = Field(
+        default=None, ge=1, le=256, description="bulkhead size for this member (default: bulkhead.max_concurrent)"
+    )
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, so the data plane picks the right path."""
+
+    # Pages are stored as opaque bytes, so the data plane wraps them in the integrity envelope.
+    envelope: bool = True
+    # Several processes (ranks) see the same pages: needed for pages shared across a TP group.
+    shared: bool = True
+    # The backend can read straight into registered host memory (not used while reads can time out:
+    # such reads would write into engine memory after the call returned).
+    zero_copy: bool = False
+
+
+@dataclass
+class BackendContext:
+    """What a backend may need from its host: the SGLang storage config and the host memory pool."""
+
+    storage_config: Any = None
+    host: Any = None  # an object with a ``mem_pool_host`` attribute, filled in when SGLang registers it
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def mem_pool_host(self) -> Any:
+        return getattr(self.host, "mem_pool_host", None)
+
+
+class Backend(ABC):
+    """A storage backend: batch exists / get / set of opaque pages under string keys."""
+
+    Config: ClassVar[type[BackendConfig]] = BackendConfig
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+        self.name = config.name
+
+    @classmethod
+    def from_config(cls, config: BackendConfig, context: BackendContext) -> "Backend":
+        """Build the backend from its validated config section. Must not block on the network."""
+        return cls(config)  # type: ignore[call-arg]
+
+    @abstractmethod
+    def exists(self, keys: Sequence[str]) -> int:
+        """Return how many of the leading ``keys`` are present (stop at the first missing one)."""
+
+    @abstractmethod
+    def get(self, keys: Sequence[str], nbytes: Optional[int] = None) -> list:
+        """Return one buffer per key (bytes-like, owned by the caller from now on), ``None`` for a miss.
+
+        ``nbytes`` is the expected payload size when the host knows it (backends that read into
+        preallocated buffers need it; the others ignore it)."""
+
+    @abstractmethod
+    def set(self, keys: Sequence[str], values: Sequence[Any]) -> None:
+        """Store every page; raise on failure. ``values`` are buffers or (header, payload) pairs."""
+
+    def probe(self) -> None:
+        """One round trip that proves the backend serves: write, read back and verify a canary."""
+        key = f"__hicache_ha_probe__/{self.name}"
+        payload = b"hicache-ha probe"
+        self.set([key], [payload])
+        got = self.get([key], len(payload))[0]
+        if got is None or bytes(got) != payload:
+            from .errors import BackendError
+
+            raise BackendError(f"probe of {self.name!r}: canary read back wrong", backend=self.name)
+
+    def clear(self, prefix: str) -> None:
+        """Remove the pages whose storage key starts with ``prefix`` (best effort)."""
+
+    def close(self) -> None:
+        """Release connections and threads."""
+
+    def describe(self) -> dict:
+        """A short, secret-free description for status output."""
+        return {"name": self.name, "type": self.config.type}
+
+
+def join_parts(value: Any) -> Any:
+    """Flatten a (header, payload) pair into one bytes object; pass plain buffers through."""
+    if isinstance(value, tuple):
+        return b"".join(value)
+    return value

@@ -1,0 +1,168 @@
+"""The configuration document: one YAML or JSON document, validated by pydantic.
+
+Sources, later ones winning: the document (a file, or SGLang's ``extra_config["ha"]`` inline), then
+environment overrides ``HICACHE_HA__<FIELD>__<SUBFIELD>=value`` (values parsed as YAML scalars).
+Errors name the field and what is allowed; nothing is half-applied.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .backends import registry
+from .backends.base import BackendConfig
+from .backends.errors import ConfigError
+
+ENV_PREFIX = "HICACHE_HA__"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Deadlines(_Strict):
+    """Per-op-kind deadlines in milliseconds: no engine call waits longer (plus 20 ms)."""
+
+    exists: int = Field(default=50, ge=1, le=60_000)
+    get: int = Field(default=500, ge=1, le=60_000)
+    set: int = Field(default=1000, ge=1, le=60_000)
+
+
+class BulkheadConfig(_Strict):
+    max_concurrent: int = Field(default=4, ge=1, le=256, description="worker threads per member")
+    queue: int = Field(default=4, ge=0, le=1024, description="calls that may wait for a worker before new ones are refused")
+
+
+class AdminConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=18080, ge=0, le=65535)
+    api_key_file: Optional[Path] = Field(default=None, description="file holding the admin key (never the key itself)")
+
+
+class HAConfig(_Strict):
+    backends: list[BackendConfig] = Field(min_length=1, description="members in priority order: primary first")
+    deadlines_ms: Deadlines = Field(default_factory=Deadlines)
+    bulkhead: BulkheadConfig = Field(default_factory=BulkheadConfig)
+    key_prefix: str = Field(default="hicache", pattern=r"^[A-Za-z0-9_.]{1,32}$")
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _typed_backends(cls, value: Any) -> Any:
+        """Validate each section with its own backend's model, so errors name that backend's fields."""
+        if not isinstance(value, list):
+            return value
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, BackendConfig):
+                out.append(item)
+                continue
+            if not isinstance(item, Mapping):
+                raise ValueError(f"backends[{i}] must be a mapping with at least 'name' and 'type'")
+            type_name = item.get("type")
+            if not isinstance(type_name, str):
+                raise ValueError(
+                    f"backends[{i}].type is required; one of: {', '.join(registry.known_types())}"
+                )
+            try:
+                model = registry.config_model(type_name)
+            except ConfigError as exc:
+                raise ValueError(f"backends[{i}].type: {exc}") from exc
+            try:
+                out.append(model.model_validate(dict(item)))
+            except ValidationError as exc:
+                raise ValueError(f"backends[{i}] ({item.get('name', '?')}): {_describe(exc)}") from exc
+        return out
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "HAConfig":
+        seen = set()
+        for b in self.backends:
+            if b.name in seen:
+                raise ValueError(f"backends: name {b.name!r} is used twice; names must be unique")
+            seen.add(b.name)
+        return self
+
+    def backend(self, name: str) -> BackendConfig:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(document)"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(msg if msg.startswith(where) else f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+def _set_path(doc: dict, path: list[str], value: Any) -> None:
+    node: Any = doc
+    for i, part in enumerate(path[:-1]):
+        key: Any = int(part) if isinstance(node, list) else part
+        if isinstance(node, list):
+            if key >= len(node):
+                raise ConfigError(f"environment override: index {key} out of range in {'.'.join(path[: i + 1])}")
+            node = node[key]
+        else:
+            node = node.setdefault(key, {})
+    last: Any = path[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def apply_env(doc: dict, environ: Mapping[str, str]) -> dict:
+    """Apply ``HICACHE_HA__a__b=value`` overrides (backends by index: ``HICACHE_HA__BACKENDS__0__URL``)."""
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            path = name[len(ENV_PREFIX):].lower().split("__")
+            _set_path(doc, path, yaml.safe_load(environ[name]))
+    return doc
+
+
+def parse(source: Any, *, environ: Optional[Mapping[str, str]] = None) -> HAConfig:
+    """Validate a document (a mapping, or YAML/JSON text) into an HAConfig; raise ConfigError naming the field."""
+    if isinstance(source, HAConfig):
+        return source
+    if isinstance(source, (str, bytes)):
+        try:
+            source = yaml.safe_load(source)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(source, Mapping):
+        raise ConfigError("config must be a mapping with at least 'backends'")
+    doc = apply_env(_plain(source), os.environ if environ is None else environ)
+    try:
+        return HAConfig.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid hicache-ha config: {_describe(exc)}") from None
+
+
+def load(path: str | os.PathLike, *, environ: Optional[Mapping[str, str]] = None) -> HAConfig:
+    """Read and validate a config file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    return parse(text, environ=environ)
+
+
+def _plain(value: Any) -> Any:
+    """A fresh copy made of plain dicts and lists, so overrides never touch the caller's document."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,82 @@
+"""A bounded pool of daemon worker threads per member: the engine never runs backend code itself.
+
+Why not ThreadPoolExecutor: its queue is unbounded, it cannot refuse work when full, and it joins
+its threads at interpreter exit, so a worker stuck on a frozen backend would hang shutdown.
+"""
+
+from __future__ import annotations
+
+import threading
+from queue import SimpleQueue
+from typing import Any, Callable, Optional
+
+
+class Call:
+    """One submitted call. The caller waits on ``done`` with its deadline; after that it walks away."""
+
+    __slots__ = ("fn", "args", "done", "result", "error")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple) -> None:
+        self.fn = fn
+        self.args = args
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as exc:  # handed to the caller, who classifies it
+            self.error = exc
+        self.done.set()
+
+
+class Bulkhead:
+    def __init__(self, name: str, workers: int, queue: int) -> None:
+        self.name = name
+        self.limit = workers + queue
+        self._in_flight = 0
+        self._idle = threading.Condition(threading.Lock())
+        self._queue: SimpleQueue[Optional[Call]] = SimpleQueue()
+        self._workers = workers
+        self._closed = False
+        for i in range(workers):
+            threading.Thread(target=self._work, name=f"hicache-ha-{name}-{i}", daemon=True).start()
+
+    @property
+    def in_flight(self) -> int:
+        """Calls submitted and not finished yet (queued, running, or abandoned but still running)."""
+        return self._in_flight
+
+    def try_submit(self, fn: Callable[..., Any], *args: Any) -> Optional[Call]:
+        """Queue a call, or return None at once when the member already has ``limit`` calls in flight."""
+        with self._idle:
+            if self._in_flight >= self.limit or self._closed:
+                return None
+            self._in_flight += 1
+        call = Call(fn, args)
+        self._queue.put(call)
+        return call
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight; False if that did not happen within ``timeout`` seconds."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def _work(self) -> None:
+        while True:
+            call = self._queue.get()
+            if call is None:
+                return
+            call.run()
+            with self._idle:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.notify_all()
+
+    def close(self) -> None:
+        """Stop the workers once they finish what they run; never waits for a stuck one."""
+        with self._idle:
+            self._closed = True
+        for _ in range(self._workers):
+            self._queue.put(None)

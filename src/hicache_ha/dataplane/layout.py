@@ -1,0 +1,81 @@
+"""The page layout a rank reads and writes, and the fingerprint that keys carry.
+
+A page is only ever served to the layout it was written under. SGLang's sharing rule is kept: MLA KV is
+replicated across TP (and DP) ranks, so its pages are shared by the group and written by one rank;
+TP-sharded KV gets a key per TP rank (and per DP rank, conservatively).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from hashlib import blake2b
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class Layout:
+    model: str = ""
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    dp_rank: int = 0
+    cp_rank: int = 0
+    cp_size: int = 1
+    dcp_rank: int = 0
+    dcp_size: int = 1
+    is_mla: bool = False
+    page_size: Optional[int] = None  # tokens per page
+    dtype: Optional[str] = None
+    page_bytes: Optional[int] = None
+
+    @property
+    def is_storage_writer(self) -> bool:
+        """MLA pages have one writer per group (as SGLang's ``is_storage_writer``); others: every rank."""
+        return not self.is_mla or self.tp_rank == self.dcp_rank
+
+    @property
+    def rank(self) -> int:
+        """A flat rank id within the deployment (tp fastest, then cp, then pp)."""
+        return self.tp_rank + self.tp_size * (self.cp_rank + self.cp_size * self.pp_rank)
+
+    def identity(self) -> dict:
+        """The fields that decide which pages this rank may read."""
+        fields = asdict(self)
+        if self.is_mla:  # replicated across the TP group (and DP replicas): one shared page
+            for name in ("tp_rank", "tp_size", "dp_rank"):
+                fields.pop(name)
+        return fields
+
+    def fingerprint(self) -> str:
+        blob = repr(sorted(self.identity().items())).encode()
+        return blake2b(blob, digest_size=8).hexdigest()
+
+    def with_host_pool(self, pool: Any) -> "Layout":
+        """This layout completed with what the host pool knows: tokens per page, dtype, page bytes."""
+        page = pool.get_dummy_flat_data_page()
+        return replace(
+            self,
+            page_size=int(getattr(pool, "page_size", 0)) or self.page_size,
+            dtype=str(getattr(pool, "dtype", page.dtype)).removeprefix("torch."),
+            page_bytes=page.numel() * page.element_size(),
+        )
+
+    @classmethod
+    def from_storage_config(cls, cfg: Any) -> "Layout":
+        """Build from SGLang's HiCacheStorageConfig (read by attribute, so sglang is not imported)."""
+        model = getattr(cfg, "model_name", None) or ""
+        return cls(
+            model=model,
+            tp_rank=cfg.tp_rank,
+            tp_size=cfg.tp_size,
+            pp_rank=cfg.pp_rank,
+            pp_size=cfg.pp_size,
+            dp_rank=getattr(cfg, "dp_rank", 0) or 0,
+            cp_rank=getattr(cfg, "attn_cp_rank", 0) or 0,
+            cp_size=getattr(cfg, "attn_cp_size", 1) or 1,
+            dcp_rank=getattr(cfg, "dcp_rank", 0) or 0,
+            dcp_size=getattr(cfg, "dcp_size", 1) or 1,
+            is_mla=bool(cfg.is_mla_model),
+            page_size=getattr(cfg, "logical_page_size", None),
+        )

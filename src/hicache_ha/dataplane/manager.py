@@ -1,0 +1,269 @@
+"""The per-rank BackendManager: the engine's only door to storage.
+
+Every engine call goes to the active member through its bulkhead and returns within the op's deadline,
+whatever the backend does. The active member is one pointer read per call (no lock on the hot path); an
+integer epoch counts every change of it. Switches are local two-phase steps (prepare, then commit or
+abort) that a control plane drives across ranks; a rank also works with no control plane at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+from ..backends import registry
+from ..backends.base import BackendConfig, BackendContext
+from ..backends.errors import BackendError, ConfigError
+from ..config import HAConfig, parse
+from ..health.outcomes import Outcome
+from .events import EventLog
+from .layout import Layout
+from .member import DETACHED, HEALTHY, Member
+
+log = logging.getLogger("hicache_ha.dataplane")
+
+# Slack for the probe of a prepare: it writes and reads one small page.
+PROBE_DEADLINE_S = 2.0
+
+
+class SwitchError(Exception):
+    """A local switch step was refused; ``status`` is the HTTP status a control plane should answer."""
+
+    status = 503
+
+
+class UnknownBackend(SwitchError):
+    status = 404
+
+
+class PrepareRefused(SwitchError):
+    status = 503
+
+
+class DrainTimeout(SwitchError):
+    status = 409
+
+
+@dataclass
+class Prepared:
+    """A target that was built and probed, ready to commit (or abort)."""
+
+    token: str
+    member: Member
+    is_new: bool
+    base_epoch: int
+
+
+class BackendManager:
+    def __init__(self, config: Union[HAConfig, dict, str], layout: Optional[Layout] = None,
+                 context: Optional[BackendContext] = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = parse(config)
+        self.layout = layout or Layout()
+        self.context = context or BackendContext()
+        self._clock = clock
+        d = self.config.deadlines_ms
+        self.deadlines = {"exists": d.exists / 1000, "get": d.get / 1000, "set": d.set / 1000}
+        self.events = EventLog(rank=self.layout.rank)
+        self._control = threading.Lock()  # serialises switches; never taken on the engine path
+        self._prefix = self._key_prefix()
+        self.members: dict[str, Member] = {}
+        for spec in self.config.backends:
+            self.members[spec.name] = self._build(spec)
+        self.active: Optional[Member] = self.members[self.config.backends[0].name]
+        self.epoch = 1
+        self.dropped_writes = 0
+        self.unserved_reads = 0
+
+    # -- building -----------------------------------------------------------------------------------
+    def _build(self, spec: BackendConfig) -> Member:
+        cls = registry.resolve(spec.type)
+        try:
+            backend = cls.from_config(spec, self.context)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"backend {spec.name!r} ({spec.type}): cannot be built: {exc}") from exc
+        workers = spec.max_concurrent or self.config.bulkhead.max_concurrent
+        return Member(spec, backend, workers, self.config.bulkhead.queue, clock=self._clock)
+
+    def _key_prefix(self) -> str:
+        return f"{self.config.key_prefix}-{self.layout.fingerprint()}-"
+
+    def set_layout(self, layout: Layout) -> None:
+        """Complete the layout (SGLang registers the host pool after construction)."""
+        self.layout = layout
+        self.events.rank = layout.rank
+        self._prefix = self._key_prefix()
+
+    def storage_key(self, key: str) -> str:
+        return self._prefix + key
+
+    # -- the engine path ----------------------------------------------------------------------------
+    def exists(self, keys: Sequence[str]) -> int:
+        """How many leading keys are stored; 0 when storage cannot answer in time."""
+        member = self.active
+        if member is None or not keys:
+            return 0
+        prefix = self._prefix
+        outcome, found = member.call("exists", self.deadlines["exists"], member.backend.exists,
+                                     [prefix + k for k in keys])
+        return found if outcome is Outcome.OK else 0
+
+    def get(self, keys: Sequence[str], nbytes: Optional[int] = None) -> list:
+        """One checked page (a buffer the data plane owns) or None per key. Never raises."""
+        member = self.active
+        if member is None:
+            self.unserved_reads += len(keys)
+            return [None] * len(keys)
+        prefix = self._prefix
+        outcome, result = member.call("get", self.deadlines["get"], member.read_pages,
+                                      [prefix + k for k in keys], nbytes)
+        if outcome is not Outcome.OK:
+            return [None] * len(keys)
+        pages, corrupt = result
+        if corrupt:
+            member.stats.add("corrupt_pages", corrupt)
+            member.stats.record("get", Outcome.CORRUPT, 0.0)
+        return pages
+
+    def set(self, keys: Sequence[str], values: Sequence[Any]) -> list[bool]:
+        """Store pages (buffers in engine memory); one bool per key. Never raises."""
+        n = len(keys)
+        if not self.layout.is_storage_writer:  # MLA: another rank of the group writes the shared page
+            return [True] * n
+        member = self.active
+        if member is None:
+            self.dropped_writes += n
+            return [False] * n
+        skeys = [self._prefix + k for k in keys]
+        try:
+            items = member.prepare_values(skeys, values)
+        except (TypeError, ValueError) as exc:  # not a buffer: the caller's bug, not the backend's
+            log.error("hicache-ha: set of %d pages: values are not buffers: %s", n, exc)
+            self.dropped_writes += n
+            return [False] * n
+        outcome, _ = member.call("set", self.deadlines["set"], member.backend.set, skeys, items)
+        if outcome is not Outcome.OK:
+            self.dropped_writes += n
+            return [False] * n
+        return [True] * n
+
+    # -- local switch steps (driven by a control plane, or by an operator in-process) ---------------
+    def prepare(self, target: Union[str, BackendConfig, dict], *, probe_deadline_s: float = PROBE_DEADLINE_S) -> Prepared:
+        """Build (if new) and probe the target. Raises UnknownBackend or PrepareRefused; changes nothing."""
+        if isinstance(target, dict):
+            target = parse({"backends": [target]}).backends[0]
+        with self._control:
+            base = self.epoch
+            if isinstance(target, BackendConfig):
+                existing = self.members.get(target.name)
+                if existing is not None and existing.spec != target:
+                    raise ConfigError(f"backend {target.name!r} already exists with another spec; pick a new name")
+                member, is_new = (existing, False) if existing else (self._build(target), True)
+            else:
+                member = self.members.get(target)
+                if member is None:
+                    raise UnknownBackend(f"unknown backend {target!r}; members: {', '.join(self.members)}")
+                is_new = False
+        outcome, _ = member.call("probe", probe_deadline_s, member.backend.probe)
+        if outcome is not Outcome.OK:
+            if is_new:
+                member.close()
+            raise PrepareRefused(f"backend {member.name!r} failed its probe ({outcome})")
+        return Prepared(uuid.uuid4().hex, member, is_new, base)
+
+    def commit(self, prepared: Prepared, *, force: bool = False, drain_timeout_s: float = 5.0) -> int:
+        """Make the prepared member active at a new epoch and return it.
+
+        New engine calls go to the target at once. Without ``force``, the old member's in-flight calls
+        must finish within ``drain_timeout_s`` or the switch is undone (DrainTimeout). With ``force``
+        they are abandoned: nobody waits for them and their results are never used."""
+        with self._control:
+            if prepared.is_new:
+                self.members.setdefault(prepared.member.name, prepared.member)
+            return self._move(prepared.member, "switch", force, drain_timeout_s)
+
+    def abort(self, prepared: Prepared) -> None:
+        """Forget a prepared switch; a member built only for it is closed."""
+        with self._control:
+            if prepared.is_new and self.members.get(prepared.member.name) is not prepared.member:
+                prepared.member.close()
+
+    def detach(self, *, force: bool = False, drain_timeout_s: float = 5.0) -> int:
+        """Run without L3: reads miss, writes are dropped and counted."""
+        with self._control:
+            return self._move(None, "detach", force, drain_timeout_s)
+
+    def restore(self, epoch: int, active: Optional[str]) -> None:
+        """Go back to a previous (epoch, active) pair: the rollback of a commit that others refused."""
+        with self._control:
+            member = self.members.get(active) if active else None
+            if active and member is None:
+                raise UnknownBackend(f"unknown backend {active!r}")
+            old = self.active
+            self.active = member
+            self.epoch = epoch
+            self._mark(old, member, "rollback")
+
+    def _move(self, target: Optional[Member], reason: str, force: bool, drain_timeout_s: float) -> int:
+        old, old_epoch = self.active, self.epoch
+        if old is target:
+            return self.epoch
+        self.active = target
+        self.epoch = old_epoch + 1
+        if old is not None and not force and not old.bulkhead.wait_idle(drain_timeout_s):
+            self.active, self.epoch = old, old_epoch
+            raise DrainTimeout(
+                f"{old.in_flight} call(s) in flight on {old.name!r} did not finish within {drain_timeout_s} s; "
+                "retry later or use force"
+            )
+        if old is not None and force and old.in_flight:
+            old.stats.add("abandoned", old.in_flight)
+        self._mark(old, target, reason + (" (forced)" if force else ""))
+        return self.epoch
+
+    def _mark(self, old: Optional[Member], new: Optional[Member], reason: str) -> None:
+        if old is not None and old is not new and old.state == HEALTHY:
+            self.events.emit(old.name, "active", "standby", reason, epoch=self.epoch)
+        if new is not None:
+            if new.state == DETACHED:
+                new.state = HEALTHY
+            self.events.emit(new.name, "standby", "active", reason, epoch=self.epoch)
+        else:
+            self.events.emit(None, "active", DETACHED, reason, epoch=self.epoch)
+
+    # -- status -------------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        active = self.active
+        return {
+            "epoch": self.epoch,
+            "active": active.name if active else None,
+            "rank": self.layout.rank,
+            "layout": {"fingerprint": self.layout.fingerprint(), **self.layout.identity()},
+            "dropped_writes": self.dropped_writes,
+            "unserved_reads": self.unserved_reads,
+            "backends": [
+                {
+                    **m.backend.describe(),
+                    "state": DETACHED if active is None and m.state == HEALTHY else m.state,
+                    "active": m is active,
+                    "in_flight": m.in_flight,
+                    **m.stats.snapshot(),
+                }
+                for m in self.members.values()
+            ],
+            "events": [e.to_dict() for e in self.events.recent(20)],
+        }
+
+    def clear(self) -> None:
+        member = self.active
+        if member is not None:
+            member.call("clear", max(self.deadlines.values()) * 10, member.backend.clear, self._prefix)
+
+    def close(self) -> None:
+        for m in self.members.values():
+            m.close()
