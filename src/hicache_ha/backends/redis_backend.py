@@ -7,6 +7,7 @@ frozen server comes back and frees its bulkhead slot.
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Optional, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,7 +20,9 @@ from redis.sentinel import Sentinel
 from .base import Backend, BackendConfig, BackendContext, Capabilities, join_parts
 from .errors import BackendError, BackendRejected, BackendTimeout, BackendUnavailable
 
-_UNAVAILABLE_CODES = ("READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS")
+# Error codes that mean "this node cannot serve now" (a pipeline prefixes them with the failing command).
+_UNAVAILABLE_CODES = re.compile(r"(^|: )(READONLY|LOADING|MASTERDOWN|CLUSTERDOWN|TRYAGAIN|NOREPLICAS)\b")
+_OOM = re.compile(r"(^|: )OOM\b|used memory > 'maxmemory'")
 
 
 class SentinelConfig(BaseModel):
@@ -77,9 +80,9 @@ def map_redis_error(exc: Exception, name: str) -> BackendError:
         return BackendUnavailable(f"redis {name!r}: {exc}", backend=name)
     if isinstance(exc, redis.exceptions.ResponseError):
         message = str(exc)
-        if message.startswith("OOM"):
+        if isinstance(exc, redis.exceptions.OutOfMemoryError) or _OOM.search(message):
             return BackendRejected(f"redis {name!r}: out of memory: {message}", backend=name)
-        if message.startswith(_UNAVAILABLE_CODES):
+        if _UNAVAILABLE_CODES.search(message):
             return BackendUnavailable(f"redis {name!r}: {message}", backend=name)
     return BackendError(f"redis {name!r}: {type(exc).__name__}: {exc}", backend=name)
 

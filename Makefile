@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each installs what it needs:
+# a venv with the packages, and redis-server through apt-get when it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+BASE   := $(VENV)/.installed-base
+SGLANG := $(VENV)/.installed-sglang
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
+export DEBIAN_FRONTEND := noninteractive
+
+.PHONY: demo test bench redis-server install install-sglang clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+
+$(BASE): pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+# The real SGLang interface on a CPU machine: torch's CPU build, the sglang wheel without its GPU
+# dependencies, and the CPU-side packages it imports (see REFERENCE.md).
+$(SGLANG): $(BASE)
+	$(PIP) install -q 'torch==2.13.0'
+	$(PIP) install -q --no-deps 'sglang==0.5.23'
+	$(PIP) install -q -e '.[dev,sglang-cpu]'
+	$(PY) -c "import sglang.srt.mem_cache.storage.backend_factory"
+	touch $@
+
+install: $(BASE)
+install-sglang: $(SGLANG)
+
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "redis-server missing: installing it with apt-get"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+
+demo: $(BASE) redis-server
+	$(VENV)/bin/hicache-ha demo
+
+test: $(SGLANG) redis-server
+	$(PY) -m pytest -q
+
+bench: $(SGLANG) redis-server
+	$(PY) bench/overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -1,0 +1,207 @@
+import threading
+import time
+
+import pytest
+
+from hicache_ha.backends.envelope import HEADER_SIZE
+from hicache_ha.dataplane import BackendManager, DrainTimeout, Layout, PrepareRefused, UnknownBackend
+from tests.helpers import GATE, GateBackend
+
+SLACK = 0.020  # the contract: deadline + 20 ms
+
+
+def manager(*members, deadlines=None, layout=None, bulkhead=None):
+    doc = {"backends": list(members), "deadlines_ms": deadlines or {"exists": 30, "get": 60, "set": 80}}
+    if bulkhead:
+        doc["bulkhead"] = bulkhead
+    return BackendManager(doc, layout or Layout(model="t"))
+
+
+def gate_of(m, name):
+    return m.members[name].backend
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def test_pages_round_trip_and_keys_carry_the_layout():
+    m = manager({"name": "a", "type": "memory"})
+    assert m.set(["k1", "k2"], [b"one", b"two"]) == [True, True]
+    assert [bytes(p) for p in m.get(["k1", "k2"])] == [b"one", b"two"]
+    assert m.exists(["k1", "k2", "k3"]) == 2
+    stored = list(m.members["a"].backend._store.pages)
+    assert all(k.startswith(f"hicache-{m.layout.fingerprint()}-") for k in stored)
+
+
+def test_a_hung_backend_costs_each_call_its_deadline_and_no_more():
+    m = manager({"name": "g", "type": GATE})
+    m.set(["k"], [b"v"])
+    gate_of(m, "g").close_gate()
+    try:
+        for fn, args, failure, deadline in ((m.exists, (["k"],), 0, 0.030), (m.get, (["k"],), [None], 0.060),
+                                            (m.set, (["k"], [b"v"]), [False], 0.080)):
+            out, took = timed(fn, *args)
+            assert out == failure
+            assert deadline <= took <= deadline + SLACK
+        stats = m.members["g"].stats.snapshot()
+        assert stats["abandoned"] == 3
+        assert stats["ops"]["get"]["timeout"] == 1
+        assert m.dropped_writes == 1
+    finally:
+        gate_of(m, "g").open_gate()
+
+
+def test_a_full_bulkhead_refuses_at_once():
+    m = manager({"name": "g", "type": GATE}, bulkhead={"max_concurrent": 1, "queue": 0})
+    gate_of(m, "g").close_gate()
+    try:
+        m.exists(["k"])  # occupies the one worker until the gate opens
+        out, took = timed(m.get, ["k"])
+        assert out == [None] and took < 0.005
+        assert m.members["g"].stats.snapshot()["ops"]["get"]["short_circuited"] == 1
+    finally:
+        gate_of(m, "g").open_gate()
+
+
+def test_an_abandoned_read_is_never_delivered():
+    m = manager({"name": "g", "type": GATE})
+    m.set(["k"], [b"v"])
+    gate_of(m, "g").close_gate()
+    assert m.get(["k"]) == [None]
+    gate_of(m, "g").open_gate()
+    assert m.members["g"].bulkhead.wait_idle(5)
+    assert [bytes(p) for p in m.get(["k"])] == [b"v"]  # the next call is served normally
+
+
+def test_a_page_altered_in_storage_is_a_miss_and_counted_corrupt():
+    m = manager({"name": "a", "type": "memory"})
+    m.set(["k", "j"], [b"x" * 100, b"y" * 100])
+    pages = m.members["a"].backend._store.pages
+    key = m.storage_key("k")
+    blob = bytearray(pages[key])
+    blob[HEADER_SIZE + 5] ^= 0xFF
+    pages[key] = bytes(blob)
+    assert m.get(["k", "j"])[0] is None
+    assert bytes(m.get(["j"])[0]) == b"y" * 100
+    snap = m.members["a"].stats.snapshot()
+    assert snap["corrupt_pages"] == 1 and snap["ops"]["get"]["corrupt"] == 1
+
+
+def test_a_page_of_the_wrong_size_is_a_miss():
+    m = manager({"name": "a", "type": "memory"})
+    m.set(["k"], [b"x" * 100])
+    assert m.get(["k"], nbytes=200) == [None]
+    assert m.get(["k"], nbytes=100)[0] is not None
+
+
+def test_pages_of_one_layout_are_invisible_to_another():
+    doc = {"name": "a", "type": "memory", "namespace": "layout-test"}
+    r0 = manager(doc, layout=Layout(model="m", tp_rank=0, tp_size=2))
+    r1 = manager(doc, layout=Layout(model="m", tp_rank=1, tp_size=2))
+    other = manager(doc, layout=Layout(model="m", tp_rank=0, tp_size=4))
+    r0.set(["k"], [b"rank0"])
+    assert r1.get(["k"]) == [None] and r1.exists(["k"]) == 0
+    assert other.get(["k"]) == [None]
+
+
+def test_mla_pages_are_written_once_and_read_by_the_whole_group():
+    doc = {"name": "a", "type": "memory", "namespace": "mla-test"}
+    r0 = manager(doc, layout=Layout(model="m", tp_rank=0, tp_size=2, is_mla=True))
+    r1 = manager(doc, layout=Layout(model="m", tp_rank=1, tp_size=2, is_mla=True))
+    assert r1.set(["only-r1"], [b"x"]) == [True]  # the non-writer reports success, as SGLang expects
+    assert r0.exists(["only-r1"]) == 0
+    r0.set(["k"], [b"shared"])
+    assert bytes(r1.get(["k"])[0]) == b"shared"
+
+
+def test_detached_reads_miss_and_writes_are_dropped_and_counted():
+    m = manager({"name": "a", "type": "memory"})
+    m.set(["k"], [b"v"])
+    epoch = m.detach()
+    assert epoch == 2 and m.active is None
+    assert m.get(["k"]) == [None] and m.exists(["k"]) == 0
+    assert m.set(["k", "j"], [b"1", b"2"]) == [False, False]
+    assert m.dropped_writes == 2
+    assert m.snapshot()["backends"][0]["state"] == "detached"
+
+
+def test_values_that_are_not_buffers_are_refused_without_raising():
+    m = manager({"name": "a", "type": "memory"})
+    assert m.set(["k"], [object()]) == [False]
+
+
+def test_switch_prepare_commit_moves_traffic_and_counts_an_epoch():
+    m = manager({"name": "a", "type": "memory"}, {"name": "b", "type": "memory"})
+    prepared = m.prepare("b")
+    assert m.active.name == "a" and m.epoch == 1  # prepare changes nothing
+    assert m.commit(prepared) == 2
+    m.set(["k"], [b"v"])
+    assert m.members["b"].backend.exists([m.storage_key("k")]) == 1
+    assert [e.to_state for e in m.events.recent()] == ["standby", "active"]
+
+
+def test_prepare_of_an_unknown_member_is_refused():
+    m = manager({"name": "a", "type": "memory"})
+    with pytest.raises(UnknownBackend, match="unknown backend 'zz'"):
+        m.prepare("zz")
+
+
+def test_a_target_that_fails_its_probe_changes_nothing():
+    m = manager({"name": "a", "type": "memory"}, {"name": "g", "type": GATE})
+    gate_of(m, "g").close_gate()
+    try:
+        with pytest.raises(PrepareRefused, match="probe"):
+            m.prepare("g", probe_deadline_s=0.05)
+        assert m.active.name == "a" and m.epoch == 1
+    finally:
+        gate_of(m, "g").open_gate()
+
+
+def test_attach_a_new_member_from_a_spec_and_abort_closes_it():
+    m = manager({"name": "a", "type": "memory"})
+    prepared = m.prepare({"name": "fresh", "type": "memory"})
+    m.abort(prepared)
+    assert "fresh" not in m.members
+    prepared = m.prepare({"name": "fresh", "type": "memory"})
+    m.commit(prepared)
+    assert m.active.name == "fresh" and "fresh" in m.members
+
+
+def test_without_force_calls_that_do_not_drain_refuse_the_switch():
+    m = manager({"name": "g", "type": GATE}, {"name": "b", "type": "memory"})
+    gate_of(m, "g").close_gate()
+    try:
+        m.get(["k"])  # abandoned, still running on the hung member
+        prepared = m.prepare("b")
+        with pytest.raises(DrainTimeout, match="did not finish"):
+            m.commit(prepared, drain_timeout_s=0.05)
+        assert m.active.name == "g" and m.epoch == 1
+        t0 = time.perf_counter()
+        assert m.commit(prepared, force=True) == 2
+        assert time.perf_counter() - t0 < 0.05  # the hung member is not waited for
+        assert m.active.name == "b"
+    finally:
+        gate_of(m, "g").open_gate()
+
+
+def test_drain_waits_for_in_flight_calls_that_finish_in_time():
+    m = manager({"name": "g", "type": GATE}, {"name": "b", "type": "memory"}, deadlines={"get": 1000})
+    g = gate_of(m, "g")
+    g.close_gate()
+    reader = threading.Thread(target=m.get, args=(["k"],))
+    reader.start()
+    assert g.entered.wait(2)
+    threading.Timer(0.05, g.open_gate).start()
+    assert m.commit(m.prepare("b"), drain_timeout_s=2) == 2
+    reader.join()
+
+
+def test_restore_rolls_back_to_a_previous_epoch():
+    m = manager({"name": "a", "type": "memory"}, {"name": "b", "type": "memory"})
+    m.commit(m.prepare("b"))
+    m.restore(1, "a")
+    assert (m.epoch, m.active.name) == (1, "a")
+    assert m.events.recent()[-1].reason == "rollback"
