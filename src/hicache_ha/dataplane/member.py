@@ -94,7 +94,7 @@ class Member:
         call = self.bulkhead.try_submit(fn, *args)
         if call is None:
             return self._finish(op, Outcome.SHORT_CIRCUITED, start, None)
-        if not call.done.wait(deadline_s):
+        if not call.wait(deadline_s):
             self.stats.add("abandoned")
             self._log.warn((op, "timeout"), "hicache-ha: %s on %r exceeded its %.0f ms deadline; abandoned",
                            op, self.name, deadline_s * 1000)
