@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,8 +17,19 @@ from .config import load
 
 app = typer.Typer(help="High availability for SGLang HiCache L3 storage.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-console = Console()
-err = Console(stderr=True)
+# soft_wrap: without a terminal (CI, pipes) lines are not folded at 80 columns.
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+@app.callback()
+def _setup(log_level: str = typer.Option("WARNING", help="log level: DEBUG, INFO, WARNING, ERROR")) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.getLevelName(log_level.upper())
+    if not isinstance(level, int):
+        fail(f"--log-level {log_level!r}: use DEBUG, INFO, WARNING or ERROR")
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -59,3 +71,7 @@ def demo(
 
 def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry
     app(argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":  # python -m hicache_ha.cli
+    main()

@@ -6,6 +6,7 @@ file primary when none can be had), a file standby in a temp dir, and cleans up 
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -85,7 +86,9 @@ def _status(sim: Simulation, managers: list[BackendManager], phase: str, bound_m
 
 def run_demo(*, duration: float = 30.0, ranks: int = 2, page_kib: int = 64,
              console: Optional[Console] = None) -> DemoResult:
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
+    # Each abandoned call is logged at WARNING; the status line already shows them here.
+    logging.getLogger("hicache_ha.dataplane").setLevel(logging.ERROR)
     workdir = tempfile.mkdtemp(prefix="hicache-ha-demo-")
     server: Optional[RedisServer] = None
     managers: list[BackendManager] = []

@@ -1,0 +1,43 @@
+import os
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from hicache_ha.cli import app
+
+runner = CliRunner()
+
+
+def test_check_config_prints_the_filled_in_document(tmp_path):
+    path = tmp_path / "ha.yaml"
+    path.write_text("backends:\n  - {name: m, type: memory}\n")
+    result = runner.invoke(app, ["check-config", str(path)])
+    assert result.exit_code == 0
+    assert '"deadlines_ms"' in result.output and '"get": 500' in result.output
+
+
+def test_check_config_rejects_bad_input_without_a_traceback(tmp_path):
+    path = tmp_path / "ha.yaml"
+    path.write_text("backends:\n  - {name: m, type: mongo}\n")
+    result = runner.invoke(app, ["check-config", str(path)])
+    assert result.exit_code == 2
+    assert "unknown backend type 'mongo'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for word in ("demo", "check-config"):
+        assert word in result.output
+
+
+def test_the_demo_runs_without_a_terminal_and_reports_a_clean_run():
+    env = {**os.environ, "CI": "true"}
+    out = subprocess.run([sys.executable, "-m", "hicache_ha.cli", "demo", "--duration", "6"], env=env,
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SIGSTOP primary" in out.stdout and "SIGCONT primary" in out.stdout
+    assert "errors surfaced to the engine: 0" in out.stdout
+    assert "the engine never stalled" in out.stdout
