@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -38,6 +38,66 @@ class BulkheadConfig(_Strict):
     queue: int = Field(default=4, ge=0, le=1024, description="calls that may wait for a worker before new ones are refused")
 
 
+OUTCOME_NAMES = ("ok", "miss", "timeout", "unavailable", "rejected", "corrupt", "error", "short_circuited", "dropped")
+FAILURE_DEFAULT = ("timeout", "unavailable", "rejected", "corrupt", "error", "short_circuited")
+
+
+class RateDetectorConfig(_Strict):
+    threshold: float = Field(default=0.5, gt=0, le=1, description="fraction of calls in the window")
+    window_ms: int = Field(default=1000, ge=10)
+    min_calls: int = Field(default=10, ge=1, description="no verdict on fewer calls than this")
+
+
+class SlowCallConfig(RateDetectorConfig):
+    threshold: float = Field(default=0.8, gt=0, le=1)
+    fraction_of_deadline: float = Field(default=0.8, gt=0, le=1, description="a call slower than this share of its deadline is slow")
+
+
+class PingConfig(_Strict):
+    interval_ms: int = Field(default=50, ge=5, description="health ping period of the active member")
+    standby_interval_ms: int = Field(default=1000, ge=5, description="health ping period of the other members")
+    timeout_ms: int = Field(default=50, ge=1)
+
+
+class BackoffConfig(_Strict):
+    base_ms: int = Field(default=500, ge=1)
+    cap_ms: int = Field(default=30_000, ge=1)
+    jitter: float = Field(default=0.5, ge=0, le=1, description="random share of each wait")
+
+
+class RecoveryConfig(_Strict):
+    probes: int = Field(default=3, ge=1, description="canary round trips that must pass")
+    probe_interval_ms: int = Field(default=50, ge=1)
+    probe_timeout_ms: int = Field(default=500, ge=1)
+    trial_calls: int = Field(default=10, ge=0, description="engine calls let through while recovering")
+    time_limit_ms: int = Field(default=5000, ge=10, description="recovering longer than this → circuit_broken")
+
+
+class HealthConfig(_Strict):
+    failure_outcomes: list[str] = Field(default=list(FAILURE_DEFAULT), description="outcomes that count against a member")
+    consecutive_failures: Optional[int] = Field(default=3, ge=1, description="null disables this detector")
+    failure_rate: Optional[RateDetectorConfig] = Field(default_factory=RateDetectorConfig)
+    slow_calls: Optional[SlowCallConfig] = Field(default_factory=SlowCallConfig)
+    ping: PingConfig = Field(default_factory=PingConfig)
+    backoff: BackoffConfig = Field(default_factory=BackoffConfig)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
+
+    @field_validator("failure_outcomes")
+    @classmethod
+    def _known_outcomes(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in OUTCOME_NAMES or name in ("ok", "miss", "dropped"):
+                raise ValueError(f"{name!r} cannot count as a failure; choose from {', '.join(FAILURE_DEFAULT)}")
+        return value
+
+
+class FailoverConfig(_Strict):
+    enabled: bool = Field(default=True, description="move traffic off a tripped active member")
+    failback: Literal["manual", "auto"] = "manual"
+    failback_after_ms: int = Field(default=30_000, ge=0, description="auto failback once the primary stayed healthy this long")
+    cluster_patience_ms: int = Field(default=3000, ge=0, description="wait this long for another instance of the same cluster before a standby")
+
+
 class AdminConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=18080, ge=0, le=65535)
@@ -50,6 +110,8 @@ class HAConfig(_Strict):
     bulkhead: BulkheadConfig = Field(default_factory=BulkheadConfig)
     key_prefix: str = Field(default="hicache", pattern=r"^[A-Za-z0-9_.]{1,32}$")
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    failover: FailoverConfig = Field(default_factory=FailoverConfig)
 
     @field_validator("backends", mode="before")
     @classmethod

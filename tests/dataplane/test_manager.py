@@ -8,13 +8,16 @@ from hicache_ha.dataplane import BackendManager, DrainTimeout, Layout, PrepareRe
 from tests.helpers import GATE, GateBackend
 
 SLACK = 0.020  # the contract: deadline + 20 ms
+# These tests look at one call at a time: no detector trips, no background supervisor.
+NO_TRIP = {"consecutive_failures": None, "failure_rate": None, "slow_calls": None}
 
 
 def manager(*members, deadlines=None, layout=None, bulkhead=None):
-    doc = {"backends": list(members), "deadlines_ms": deadlines or {"exists": 30, "get": 60, "set": 80}}
+    doc = {"backends": list(members), "deadlines_ms": deadlines or {"exists": 30, "get": 60, "set": 80},
+           "health": NO_TRIP}
     if bulkhead:
         doc["bulkhead"] = bulkhead
-    return BackendManager(doc, layout or Layout(model="t"))
+    return BackendManager(doc, layout or Layout(model="t"), supervise=False)
 
 
 def gate_of(m, name):
@@ -125,7 +128,7 @@ def test_detached_reads_miss_and_writes_are_dropped_and_counted():
     assert m.get(["k"]) == [None] and m.exists(["k"]) == 0
     assert m.set(["k", "j"], [b"1", b"2"]) == [False, False]
     assert m.dropped_writes == 2
-    assert m.snapshot()["backends"][0]["state"] == "detached"
+    assert m.snapshot()["active"] is None
 
 
 def test_values_that_are_not_buffers_are_refused_without_raising():
@@ -140,7 +143,8 @@ def test_switch_prepare_commit_moves_traffic_and_counts_an_epoch():
     assert m.commit(prepared) == 2
     m.set(["k"], [b"v"])
     assert m.members["b"].backend.exists([m.storage_key("k")]) == 1
-    assert [e.to_state for e in m.events.recent()] == ["standby", "active"]
+    [event] = m.events.recent()
+    assert (event.backend, event.from_state, event.to_state, event.detail["epoch"]) == ("b", "a", "b", 2)
 
 
 def test_prepare_of_an_unknown_member_is_refused():

@@ -13,10 +13,22 @@ def storage_config(tp_rank=0, tp_size=2, *, mla=False, extra=None, model="test/m
     )
 
 
+_BUILT: list = []
+
+
+@pytest.fixture(autouse=True)
+def _close_storages():
+    """Every HAStorage a test builds is closed after it (its supervisor thread pings otherwise)."""
+    yield
+    while _BUILT:
+        _BUILT.pop().close()
+
+
 def build(ha: dict, tp_rank=0, tp_size=2, *, mla=False, pool=None, model="test/model"):
     """HAStorage exactly as SGLang builds it: its own factory, the dynamic hook, then the host pool."""
     cfg = storage_config(tp_rank, tp_size, mla=mla, extra={**DYNAMIC, "ha": ha}, model=model)
     storage = StorageBackendFactory.create_backend("dynamic", cfg, None)
+    _BUILT.append(storage)
     if pool is not None:
         storage.register_mem_pool_host(pool)
     return storage

@@ -37,6 +37,8 @@ class Capabilities:
     # The backend can read straight into registered host memory (not used while reads can time out:
     # such reads would write into engine memory after the call returned).
     zero_copy: bool = False
+    # The backend knows other instances of its own cluster and can move to one (``reconnect``).
+    cluster: bool = False
 
 
 @dataclass
@@ -92,6 +94,15 @@ class Backend(ABC):
             from .errors import BackendError
 
             raise BackendError(f"probe of {self.name!r}: canary read back wrong", backend=self.name)
+
+    def ping(self) -> None:
+        """The cheapest round trip that shows the backend answers (health pings, every few ms)."""
+        self.exists(["__hicache_ha_ping__"])
+
+    def reconnect(self) -> Optional[str]:
+        """Move to another instance of the same cluster that answers now (a Sentinel's current master,
+        the next URL of a list). Return a description of where it now points, or None if none is ready."""
+        return None
 
     def clear(self, prefix: str) -> None:
         """Remove the pages whose storage key starts with ``prefix`` (best effort)."""

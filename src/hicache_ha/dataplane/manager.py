@@ -22,7 +22,9 @@ from ..config import HAConfig, parse
 from ..health.outcomes import Outcome
 from .events import EventLog
 from .layout import Layout
-from .member import DETACHED, HEALTHY, Member
+from ..health.breaker import DETACHED, HEALTHY, Transition
+from .member import Member
+from .supervisor import Supervisor
 
 log = logging.getLogger("hicache_ha.dataplane")
 
@@ -60,7 +62,8 @@ class Prepared:
 
 class BackendManager:
     def __init__(self, config: Union[HAConfig, dict, str], layout: Optional[Layout] = None,
-                 context: Optional[BackendContext] = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 context: Optional[BackendContext] = None, clock: Callable[[], float] = time.monotonic,
+                 supervise: bool = True) -> None:
         self.config = parse(config)
         self.layout = layout or Layout()
         self.context = context or BackendContext()
@@ -77,6 +80,13 @@ class BackendManager:
         self.epoch = 1
         self.dropped_writes = 0
         self.unserved_reads = 0
+        self.failovers = 0
+        # Who carries out a failover the supervisor decided on. A control plane replaces it so that all
+        # ranks move together; it must not block (the supervisor calls it).
+        self.failover_handler: Callable[[Member, str], None] = self._local_failover
+        self.supervisor = Supervisor(self, clock=clock)
+        if supervise:
+            self.supervisor.start()
 
     # -- building -----------------------------------------------------------------------------------
     def _build(self, spec: BackendConfig) -> Member:
@@ -88,7 +98,18 @@ class BackendManager:
         except Exception as exc:
             raise ConfigError(f"backend {spec.name!r} ({spec.type}): cannot be built: {exc}") from exc
         workers = spec.max_concurrent or self.config.bulkhead.max_concurrent
-        return Member(spec, backend, workers, self.config.bulkhead.queue, clock=self._clock)
+        member = Member(spec, backend, workers, self.config.bulkhead.queue, self.config.health, clock=self._clock)
+        member.listeners.append(self._on_transition)
+        return member
+
+    def _on_transition(self, member: Member, t: Transition) -> None:
+        self.events.emit(member.name, t.from_state, t.to_state, t.reason, active=member is self.active)
+        level = logging.INFO if t.to_state == HEALTHY else logging.WARNING
+        log.log(level, "hicache-ha: rank %d: %r %s -> %s (%s)", self.layout.rank, member.name,
+                t.from_state, t.to_state, t.reason)
+        supervisor = getattr(self, "supervisor", None)
+        if supervisor is not None:
+            supervisor.wake()
 
     def _key_prefix(self) -> str:
         return f"{self.config.key_prefix}-{self.layout.fingerprint()}-"
@@ -126,8 +147,8 @@ class BackendManager:
             return [None] * len(keys)
         pages, corrupt = result
         if corrupt:
-            member.stats.add("corrupt_pages", corrupt)
-            member.stats.record("get", Outcome.CORRUPT, 0.0)
+            member.count("corrupt_pages", corrupt)
+            member.record("get", Outcome.CORRUPT, 0.0)
         return pages
 
     def set(self, keys: Sequence[str], values: Sequence[Any]) -> list[bool]:
@@ -169,7 +190,7 @@ class BackendManager:
                 if member is None:
                     raise UnknownBackend(f"unknown backend {target!r}; members: {', '.join(self.members)}")
                 is_new = False
-        outcome, _ = member.call("probe", probe_deadline_s, member.backend.probe)
+        outcome, _ = member.run("probe", probe_deadline_s, member.backend.probe)
         if outcome is not Outcome.OK:
             if is_new:
                 member.close()
@@ -198,12 +219,38 @@ class BackendManager:
         with self._control:
             return self._move(None, "detach", force, drain_timeout_s)
 
+    def failover_to(self, target: Member, reason: str) -> None:
+        """The supervisor found ``target`` healthy and probed: hand the move to the failover handler."""
+        self.failover_handler(target, reason)
+
+    def _local_failover(self, target: Member, reason: str) -> None:
+        with self._control:
+            old = self.active
+            if old is target or (reason == "failover" and (old is None or old.state == HEALTHY)):
+                return  # nothing to do any more: the admin detached, or the active member came back
+            self.failovers += 1
+            self._move(target, reason, force=True, drain_timeout_s=0.0)
+
+    def detach_member(self, name: str) -> None:
+        """Admin: take one member out (state ``detached``); if it was active, the supervisor fails over."""
+        member = self._member(name)
+        member.apply(lambda b, now: b.detach(now))
+
+    def attach_member(self, name: str) -> None:
+        """Admin: bring a detached member back; it recovers through probes before it serves."""
+        member = self._member(name)
+        member.apply(lambda b, now: b.attach(now))
+
+    def _member(self, name: str) -> Member:
+        member = self.members.get(name)
+        if member is None:
+            raise UnknownBackend(f"unknown backend {name!r}; members: {', '.join(self.members)}")
+        return member
+
     def restore(self, epoch: int, active: Optional[str]) -> None:
         """Go back to a previous (epoch, active) pair: the rollback of a commit that others refused."""
         with self._control:
-            member = self.members.get(active) if active else None
-            if active and member is None:
-                raise UnknownBackend(f"unknown backend {active!r}")
+            member = self._member(active) if active else None
             old = self.active
             self.active = member
             self.epoch = epoch
@@ -222,19 +269,18 @@ class BackendManager:
                 "retry later or use force"
             )
         if old is not None and force and old.in_flight:
-            old.stats.add("abandoned", old.in_flight)
-        self._mark(old, target, reason + (" (forced)" if force else ""))
+            old.count("abandoned", old.in_flight)
+        if target is not None and target.state != HEALTHY:
+            # It just passed its probe: an explicit switch (or failover) to it means "serve now".
+            target.apply(lambda b, now: b.reset(now, f"{reason}: probe passed"))
+        self._mark(old, target, reason + (" (forced)" if force and reason != "failover" else ""))
+        self.supervisor.wake()
         return self.epoch
 
     def _mark(self, old: Optional[Member], new: Optional[Member], reason: str) -> None:
-        if old is not None and old is not new and old.state == HEALTHY:
-            self.events.emit(old.name, "active", "standby", reason, epoch=self.epoch)
-        if new is not None:
-            if new.state == DETACHED:
-                new.state = HEALTHY
-            self.events.emit(new.name, "standby", "active", reason, epoch=self.epoch)
-        else:
-            self.events.emit(None, "active", DETACHED, reason, epoch=self.epoch)
+        """Record a move of the active pointer as an event: which member, from where, why, which epoch."""
+        self.events.emit(new.name if new else None, old.name if old else "none", new.name if new else "none",
+                         reason, epoch=self.epoch, role="active")
 
     # -- status -------------------------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -246,14 +292,9 @@ class BackendManager:
             "layout": {"fingerprint": self.layout.fingerprint(), **self.layout.identity()},
             "dropped_writes": self.dropped_writes,
             "unserved_reads": self.unserved_reads,
+            "failovers": self.failovers,
             "backends": [
-                {
-                    **m.backend.describe(),
-                    "state": DETACHED if active is None and m.state == HEALTHY else m.state,
-                    "active": m is active,
-                    "in_flight": m.in_flight,
-                    **m.stats.snapshot(),
-                }
+                {**m.backend.describe(), "active": m is active, "in_flight": m.in_flight, **m.snapshot()}
                 for m in self.members.values()
             ],
             "events": [e.to_dict() for e in self.events.recent(20)],
@@ -262,8 +303,9 @@ class BackendManager:
     def clear(self) -> None:
         member = self.active
         if member is not None:
-            member.call("clear", max(self.deadlines.values()) * 10, member.backend.clear, self._prefix)
+            member.run("clear", max(self.deadlines.values()) * 10, member.backend.clear, self._prefix)
 
     def close(self) -> None:
+        self.supervisor.stop()
         for m in self.members.values():
             m.close()

@@ -1,4 +1,4 @@
-"""One configured backend inside a rank's data plane: its bulkhead, its counters, its state."""
+"""One configured backend inside a rank's data plane: its bulkhead, its counters, its breaker."""
 
 from __future__ import annotations
 
@@ -10,25 +10,23 @@ from typing import Any, Callable, Optional, Sequence
 from ..backends.base import Backend, BackendConfig
 from ..backends.envelope import open_page, seal
 from ..backends.errors import CorruptPage
+from ..config import HealthConfig
+from ..health.backoff import Backoff
+from ..health.breaker import CIRCUIT_BROKEN, DETACHED, HEALTHY, RECOVERING, STATES, Breaker, Transition
+from ..health.detectors import AnyOf, ConsecutiveFailures, FailureRate, SlowCallRate
 from ..health.outcomes import Outcome, classify
 from .bulkhead import Bulkhead
 
 log = logging.getLogger("hicache_ha.dataplane")
 
-HEALTHY = "healthy"
-CIRCUIT_BROKEN = "circuit_broken"
-RECOVERING = "recovering"
-DETACHED = "detached"
-STATES = (HEALTHY, CIRCUIT_BROKEN, RECOVERING, DETACHED)
 
 Observer = Callable[["Member", str, Outcome, float], None]
 
 
 class OpStats:
-    """Counters per (op, outcome) plus latency sums; one small lock, no allocation per call."""
+    """Counters per (op, outcome) plus latency sums. Not locked: its Member serialises access."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self.counts: dict[tuple[str, Outcome], int] = {}
         self.latency_sum: dict[str, float] = {}
         self.abandoned = 0
@@ -36,20 +34,14 @@ class OpStats:
 
     def record(self, op: str, outcome: Outcome, seconds: float) -> None:
         key = (op, outcome)
-        with self._lock:
-            self.counts[key] = self.counts.get(key, 0) + 1
-            self.latency_sum[op] = self.latency_sum.get(op, 0.0) + seconds
-
-    def add(self, field: str, n: int = 1) -> None:
-        with self._lock:
-            setattr(self, field, getattr(self, field) + n)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.latency_sum[op] = self.latency_sum.get(op, 0.0) + seconds
 
     def snapshot(self) -> dict:
-        with self._lock:
-            ops: dict[str, dict[str, int]] = {}
-            for (op, outcome), n in self.counts.items():
-                ops.setdefault(op, {})[outcome.value] = n
-            return {"ops": ops, "abandoned": self.abandoned, "corrupt_pages": self.corrupt_pages}
+        ops: dict[str, dict[str, int]] = {}
+        for (op, outcome), n in self.counts.items():
+            ops.setdefault(op, {})[outcome.value] = n
+        return {"ops": ops, "abandoned": self.abandoned, "corrupt_pages": self.corrupt_pages}
 
 
 class _RateLimitedLog:
@@ -67,8 +59,31 @@ class _RateLimitedLog:
             log.warning(msg, *args)
 
 
+def breaker_from_config(cfg: HealthConfig, now: float) -> Breaker:
+    """The detectors and breaker a member gets from the ``health`` section."""
+    detectors: list = []
+    if cfg.consecutive_failures:
+        detectors.append(ConsecutiveFailures(cfg.consecutive_failures))
+    if cfg.failure_rate:
+        r = cfg.failure_rate
+        detectors.append(FailureRate(r.threshold, r.window_ms / 1000, r.min_calls))
+    if cfg.slow_calls:
+        r = cfg.slow_calls
+        detectors.append(SlowCallRate(r.threshold, r.window_ms / 1000, r.min_calls))
+    b, rec = cfg.backoff, cfg.recovery
+    return Breaker(
+        AnyOf(*detectors), Backoff(b.base_ms / 1000, b.cap_ms / 1000, b.jitter),
+        probes_required=rec.probes, trial_calls=rec.trial_calls, time_limit=rec.time_limit_ms / 1000, now=now,
+    )
+
+
+TransitionListener = Callable[["Member", Transition], None]
+
+
 class Member:
-    def __init__(self, spec: BackendConfig, backend: Backend, workers: int, queue: int,
+    """A backend plus what the data plane keeps about it. One lock guards its counters and its breaker."""
+
+    def __init__(self, spec: BackendConfig, backend: Backend, workers: int, queue: int, health: HealthConfig,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.name = spec.name
         self.spec = spec
@@ -76,41 +91,110 @@ class Member:
         self.envelope = backend.capabilities.envelope
         self.bulkhead = Bulkhead(spec.name, workers, queue)
         self.stats = OpStats()
-        self.state = HEALTHY
+        self.breaker = breaker_from_config(health, clock())
+        self.failure_outcomes = frozenset(Outcome(o) for o in health.failure_outcomes)
+        self.slow_fraction = health.slow_calls.fraction_of_deadline if health.slow_calls else 1.0
+        self.listeners: list[TransitionListener] = []
         self.observers: list[Observer] = []
+        self._lock = threading.Lock()
         self._clock = clock
         self._log = _RateLimitedLog(clock=clock)
+
+    @property
+    def state(self) -> str:
+        return self.breaker.state
 
     @property
     def in_flight(self) -> int:
         return self.bulkhead.in_flight
 
+    # -- the engine path ----------------------------------------------------------------------------
     def call(self, op: str, deadline_s: float, fn: Callable[..., Any], *args: Any) -> tuple[Outcome, Any]:
-        """Run ``fn(*args)`` on a worker and wait at most ``deadline_s``. Never raises.
-
-        After a timeout the call is abandoned: its result, whenever it comes, is never looked at, so
-        nothing it read can reach engine memory."""
+        """An engine call: admitted by the breaker, run on a worker, waited for at most ``deadline_s``.
+        Never raises. After a timeout the call is abandoned: its result, whenever it comes, is never
+        looked at, so nothing it read can reach engine memory."""
+        with self._lock:
+            allowed = self.breaker.allow()
         start = self._clock()
+        if not allowed:
+            return self._finish(op, Outcome.SHORT_CIRCUITED, start, None, None)
+        outcome, result = self._run(op, deadline_s, fn, args)
+        return self._finish(op, outcome, start, result, deadline_s)
+
+    def run(self, op: str, timeout_s: float, fn: Callable[..., Any], *args: Any) -> tuple[Outcome, Any]:
+        """A control-plane call (switch probe, clear): bypasses the breaker and does not feed it."""
+        start = self._clock()
+        outcome, result = self._run(op, timeout_s, fn, args)
+        self.record(op, outcome, self._clock() - start)
+        return outcome, result
+
+    def record(self, op: str, outcome: Outcome, seconds: float) -> None:
+        with self._lock:
+            self.stats.record(op, outcome, seconds)
+
+    def count(self, field: str, n: int = 1) -> None:
+        """Add to a plain counter of the stats (``abandoned``, ``corrupt_pages``)."""
+        with self._lock:
+            setattr(self.stats, field, getattr(self.stats, field) + n)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"state": self.breaker.state, **self.stats.snapshot()}
+
+    def _run(self, op: str, deadline_s: float, fn: Callable[..., Any], args: tuple) -> tuple[Outcome, Any]:
         call = self.bulkhead.try_submit(fn, *args)
         if call is None:
-            return self._finish(op, Outcome.SHORT_CIRCUITED, start, None)
+            return Outcome.SHORT_CIRCUITED, None
         if not call.wait(deadline_s):
-            self.stats.add("abandoned")
+            self.count("abandoned")
             self._log.warn((op, "timeout"), "hicache-ha: %s on %r exceeded its %.0f ms deadline; abandoned",
                            op, self.name, deadline_s * 1000)
-            return self._finish(op, Outcome.TIMEOUT, start, None)
+            return Outcome.TIMEOUT, None
         if call.error is not None:
             outcome = classify(call.error)
             self._log.warn((op, outcome), "hicache-ha: %s on %r failed (%s): %s", op, self.name, outcome, call.error)
-            return self._finish(op, outcome, start, None)
-        return self._finish(op, Outcome.OK, start, call.result)
+            return outcome, None
+        return Outcome.OK, call.result
 
-    def _finish(self, op: str, outcome: Outcome, start: float, result: Any) -> tuple[Outcome, Any]:
-        elapsed = self._clock() - start
-        self.stats.record(op, outcome, elapsed)
+    def _finish(self, op: str, outcome: Outcome, start: float, result: Any,
+                deadline_s: Optional[float]) -> tuple[Outcome, Any]:
+        now = self._clock()
+        elapsed = now - start
+        transition = None
+        with self._lock:
+            self.stats.record(op, outcome, elapsed)
+            if deadline_s is not None:  # admitted: its result is news about the backend
+                transition = self.breaker.on_result(now, outcome in self.failure_outcomes,
+                                                    elapsed > self.slow_fraction * deadline_s)
         for observer in self.observers:
             observer(self, op, outcome, elapsed)
+        if transition:
+            self._emit(transition)
         return outcome, result
+
+    # -- the background path (the supervisor) -------------------------------------------------------
+    def feed(self, what: str, ok: bool, detail: str = "") -> None:
+        """Hand the breaker the result of a health ping (``ping``) or a recovery probe (``probe``)."""
+        now = self._clock()
+        with self._lock:
+            if what == "ping":
+                transition = self.breaker.on_result(now, not ok)
+            else:
+                transition = self.breaker.on_probe(now, ok, detail)
+        if transition:
+            self._emit(transition)
+
+    def apply(self, step: Callable[[Breaker, float], Optional[Transition]]) -> Optional[Transition]:
+        """Run one breaker step (tick, trip, detach, attach, retry_now) under the member's lock."""
+        with self._lock:
+            transition = step(self.breaker, self._clock())
+        if transition:
+            self._emit(transition)
+        return transition
+
+    def _emit(self, transition: Transition) -> None:
+        for listener in self.listeners:
+            listener(self, transition)
 
     # -- what runs on the worker threads ----------------------------------------------------------
     def read_pages(self, keys: Sequence[str], nbytes: Optional[int]) -> tuple[list, int]:

@@ -1,0 +1,171 @@
+"""The background half of a rank's data plane: health pings, recovery probes, failover, failback.
+
+One daemon thread per rank. It never runs on an engine thread and never blocks on a backend: each
+check is submitted to its member's bulkhead and collected on a later step, so a hung backend costs it
+nothing but a worker. Failover is make-before-break: the target's canary probe must pass first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
+
+from ..health.breaker import CIRCUIT_BROKEN, HEALTHY, RECOVERING
+from .bulkhead import Call
+
+if TYPE_CHECKING:
+    from .manager import BackendManager
+    from .member import Member
+
+log = logging.getLogger("hicache_ha.dataplane")
+
+
+@dataclass
+class Check:
+    member: "Member"
+    kind: str  # ping | probe | reconnect | failover | failback
+    call: Optional[Call]  # None: the bulkhead refused it, which is a failure in itself
+    started: float
+    timeout: float
+
+
+class Supervisor:
+    def __init__(self, manager: "BackendManager", clock: Callable[[], float] = time.monotonic,
+                 tick_s: float = 0.005) -> None:
+        self.manager = manager
+        self.cfg = manager.config
+        self.clock = clock
+        self.tick_s = tick_s
+        self.pending: dict[tuple[str, str], Check] = {}
+        self.next_ping: dict[str, float] = {}
+        self.next_probe: dict[str, float] = {}
+        self.broken_since: Optional[float] = None  # when the active member last stopped being healthy
+        self.no_target_reported = False
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "Supervisor":
+        self._thread = threading.Thread(target=self._loop, name=f"hicache-ha-supervisor-{self.manager.layout.rank}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(2)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception:  # the supervisor must outlive any bug in one step
+                log.exception("hicache-ha: supervisor step failed")
+            self._wake.wait(self.tick_s)
+            self._wake.clear()
+
+    # -- one step -----------------------------------------------------------------------------------
+    def step(self) -> None:
+        now = self.clock()
+        self._collect(now)
+        members = list(self.manager.members.values())
+        for m in members:
+            m.apply(lambda b, t: b.tick(t))
+        self._schedule(members, now)
+        if self.cfg.failover.enabled:
+            self._failover(now)
+            if self.cfg.failover.failback == "auto":
+                self._failback(now)
+
+    def _submit(self, member: "Member", kind: str, timeout: float, fn: Callable, *args) -> None:
+        self.pending[(member.name, kind)] = Check(member, kind, member.bulkhead.try_submit(fn, *args),
+                                                  self.clock(), timeout)
+
+    def _collect(self, now: float) -> None:
+        for key, check in list(self.pending.items()):
+            call = check.call
+            if call is not None and not call.finished and now - check.started < check.timeout:
+                continue
+            del self.pending[key]
+            ok = call is not None and call.finished and call.error is None
+            if call is not None and not call.finished:
+                check.member.count("abandoned")
+            detail = repr(call.error) if call is not None and call.error is not None else (
+                "no free worker" if call is None else "" if ok else f"no answer in {check.timeout * 1000:.0f} ms")
+            self._handle(check, ok, call.result if ok else None, detail)
+
+    def _handle(self, check: Check, ok: bool, result, detail: str) -> None:
+        m = check.member
+        if check.kind == "ping":
+            m.feed("ping", ok, detail)
+        elif check.kind == "probe":
+            m.feed("probe", ok, detail)
+        elif check.kind == "reconnect":
+            if ok and result:
+                self.manager.events.emit(m.name, m.state, m.state, "reconnected within its cluster", to=result)
+                m.apply(lambda b, t: b.retry_now(t))
+        elif check.kind in ("failover", "failback"):
+            if ok:
+                self.manager.failover_to(m, check.kind)
+            else:
+                m.feed("ping", False, detail)  # a standby that fails its probe is news about it
+
+    def _schedule(self, members: list["Member"], now: float) -> None:
+        health = self.cfg.health
+        active = self.manager.active
+        for m in members:
+            if m.state == HEALTHY and (m.name, "ping") not in self.pending:
+                if now >= self.next_ping.get(m.name, 0.0):
+                    period = health.ping.interval_ms if m is active else health.ping.standby_interval_ms
+                    self.next_ping[m.name] = now + period / 1000
+                    self._submit(m, "ping", health.ping.timeout_ms / 1000, m.backend.ping)
+            elif m.state == RECOVERING and (m.name, "probe") not in self.pending:
+                if now >= self.next_probe.get(m.name, 0.0):
+                    self.next_probe[m.name] = now + health.recovery.probe_interval_ms / 1000
+                    self._submit(m, "probe", health.recovery.probe_timeout_ms / 1000, m.backend.probe)
+
+    def _failover(self, now: float) -> None:
+        active = self.manager.active
+        if active is None or active.state == HEALTHY:
+            self.broken_since = None
+            self.no_target_reported = False
+            return
+        if self.broken_since is None:
+            self.broken_since = now
+        patience = self.cfg.failover.cluster_patience_ms / 1000
+        if active.backend.capabilities.cluster and now - self.broken_since < patience:
+            # Same cluster first: another instance (a promoted replica) keeps the pages.
+            if active.state == CIRCUIT_BROKEN and (active.name, "reconnect") not in self.pending:
+                self._submit(active, "reconnect", self.cfg.health.recovery.probe_timeout_ms / 1000,
+                             active.backend.reconnect)
+            return
+        if any(kind == "failover" for _, kind in self.pending):
+            return
+        target = next((m for m in self.manager.members.values() if m is not active and m.state == HEALTHY), None)
+        if target is None:
+            if not self.no_target_reported:
+                self.no_target_reported = True
+                self.manager.events.emit(active.name, active.state, active.state, "no healthy member to fail over to")
+                log.error("hicache-ha: %r is %s and no other member is healthy: reads miss, writes are dropped",
+                          active.name, active.state)
+            return
+        self._submit(target, "failover", self.cfg.health.recovery.probe_timeout_ms / 1000, target.backend.probe)
+
+    def _failback(self, now: float) -> None:
+        active = self.manager.active
+        primary = self.manager.members.get(self.cfg.backends[0].name)
+        if primary is None or active is None or active is primary or primary.state != HEALTHY:
+            return
+        since = primary.breaker.healthy_since
+        if since is None or now - since < self.cfg.failover.failback_after_ms / 1000:
+            return
+        if (primary.name, "failback") not in self.pending:
+            self._submit(primary, "failback", self.cfg.health.recovery.probe_timeout_ms / 1000, primary.backend.probe)
