@@ -50,7 +50,7 @@ def test_environment_overrides_win_and_leave_the_document_alone():
      ["deadlines_ms.get", "integer"]),
     ({"backends": [{"name": "x", "type": "file", "path": "/t"}], "deadlines_ms": {"get": 0}},
      ["deadlines_ms.get", "greater than or equal to 1"]),
-    ({"backends": [{"name": "x", "type": "redis"}]}, ["exactly one of 'url' or 'sentinel'"]),
+    ({"backends": [{"name": "x", "type": "redis"}]}, ["exactly one of 'url', 'urls' or 'sentinel'"]),
     ({"backends": [{"name": "x", "type": "redis", "url": "http://h:1"}]}, ["scheme"]),
     ({"backends": [{"name": "x", "type": "redis", "sentinel": {"master": "m", "addresses": ["nohostport"]}}]},
      ["host:port"]),

@@ -8,6 +8,7 @@ frozen server comes back and frees its bulkhead slot.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any, ClassVar, Optional, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,6 +45,8 @@ class SentinelConfig(BaseModel):
 
 class RedisConfig(BackendConfig):
     url: Optional[str] = Field(default=None, description="redis://[:password@]host:port/db or rediss://…")
+    urls: Optional[list[str]] = Field(default=None, min_length=1,
+                                      description="instances of one cluster in order: on failure the next one that answers as master is used")
     sentinel: Optional[SentinelConfig] = Field(default=None, description="a Sentinel set instead of a URL")
     password_file: Optional[str] = Field(default=None, description="file holding the password (never inline)")
     connect_timeout_ms: int = Field(default=200, ge=1, description="TCP connect timeout")
@@ -53,13 +56,17 @@ class RedisConfig(BackendConfig):
 
     @model_validator(mode="after")
     def _one_endpoint(self) -> "RedisConfig":
-        if (self.url is None) == (self.sentinel is None):
-            raise ValueError("give exactly one of 'url' or 'sentinel'")
-        if self.url is not None and urlsplit(self.url).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"url {redact(self.url)!r}: scheme must be redis://, rediss:// or unix://")
+        if sum(x is not None for x in (self.url, self.urls, self.sentinel)) != 1:
+            raise ValueError("give exactly one of 'url', 'urls' or 'sentinel'")
+        for url in self.endpoint_urls():
+            if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+                raise ValueError(f"url {redact(url)!r}: scheme must be redis://, rediss:// or unix://")
         if self.sentinel is not None:
             self.sentinel.endpoints()
         return self
+
+    def endpoint_urls(self) -> list[str]:
+        return [self.url] if self.url else list(self.urls or [])
 
 
 def redact(url: str) -> str:
@@ -91,10 +98,15 @@ class RedisBackend(Backend):
     Config: ClassVar[type[BackendConfig]] = RedisConfig
     capabilities: ClassVar[Capabilities] = Capabilities(envelope=True, shared=True)
 
-    def __init__(self, config: RedisConfig, client: redis.Redis) -> None:
+    def __init__(self, config: RedisConfig, clients: list, sentinel: Optional[Sentinel] = None) -> None:
         super().__init__(config)
-        self.client = client
+        self._clients = clients  # one per URL (or the Sentinel's master client)
+        self._current = 0
+        self.client: redis.Redis = clients[0]
+        self._sentinel = sentinel
         self._px = config.ttl_s * 1000 if config.ttl_s else None
+        if sentinel is not None or len(clients) > 1:
+            self.capabilities = replace(type(self).capabilities, cluster=True)
 
     @classmethod
     def from_config(cls, config: RedisConfig, context: BackendContext) -> "RedisBackend":
@@ -110,21 +122,53 @@ class RedisBackend(Backend):
         )
         if password is not None:
             common["password"] = password
-        if config.url is not None:
-            client = redis.Redis.from_url(config.url, **common)
-        else:
-            s = config.sentinel
-            sentinel = Sentinel(
-                s.endpoints(),
-                sentinel_kwargs={
-                    "socket_timeout": config.connect_timeout_ms / 1000,
-                    "socket_connect_timeout": config.connect_timeout_ms / 1000,
-                    "retry": Retry(NoBackoff(), 0),
-                },
-                **{k: v for k, v in common.items() if k != "max_connections"},
-            )
-            client = sentinel.master_for(s.master, db=s.db, max_connections=config.max_connections)
-        return cls(config, client)
+        if config.sentinel is None:
+            return cls(config, [redis.Redis.from_url(url, **common) for url in config.endpoint_urls()])
+        s = config.sentinel
+        sentinel = Sentinel(
+            s.endpoints(),
+            sentinel_kwargs={
+                "socket_timeout": config.connect_timeout_ms / 1000,
+                "socket_connect_timeout": config.connect_timeout_ms / 1000,
+                "retry": Retry(NoBackoff(), 0),
+            },
+            **{k: v for k, v in common.items() if k != "max_connections"},
+        )
+        client = sentinel.master_for(s.master, db=s.db, max_connections=config.max_connections)
+        return cls(config, [client], sentinel)
+
+    def ping(self) -> None:
+        try:
+            self.client.ping()
+        except redis.exceptions.RedisError as exc:
+            raise map_redis_error(exc, self.name) from exc
+
+    def reconnect(self) -> Optional[str]:
+        """Sentinel: ask for the current master and drop connections to the old one. URL list: move to
+        the next instance that answers as a master."""
+        if self._sentinel is not None:
+            try:
+                host, port = self._sentinel.discover_master(self.config.sentinel.master)
+            except redis.exceptions.RedisError:
+                return None
+            self.client.connection_pool.disconnect()
+            try:
+                self.client.ping()
+            except redis.exceptions.RedisError:
+                return None
+            return f"master {host}:{port}"
+        n = len(self._clients)
+        for step in range(1, n):
+            i = (self._current + step) % n
+            candidate = self._clients[i]
+            try:
+                if candidate.execute_command("ROLE")[0] not in (b"master", "master"):
+                    continue
+            except redis.exceptions.RedisError:
+                continue
+            self._current, self.client = i, candidate
+            return redact(self.config.endpoint_urls()[i])
+        return None
 
     def exists(self, keys: Sequence[str]) -> int:
         try:
@@ -164,12 +208,16 @@ class RedisBackend(Backend):
             raise map_redis_error(exc, self.name) from exc
 
     def close(self) -> None:
-        try:
-            self.client.close()
-        except Exception:  # closing a broken connection must not fail a switch
-            pass
+        for client in self._clients:
+            try:
+                client.close()
+            except Exception:  # closing a broken connection must not fail a switch
+                pass
 
     def describe(self) -> dict:
         c = self.config
-        where = redact(c.url) if c.url else f"sentinel:{c.sentinel.master}@{','.join(c.sentinel.addresses)}"
+        if c.sentinel is not None:
+            where = f"sentinel:{c.sentinel.master}@{','.join(c.sentinel.addresses)}"
+        else:
+            where = redact(c.endpoint_urls()[self._current])
         return {**super().describe(), "endpoint": where}

@@ -273,7 +273,7 @@ class BackendManager:
         if target is not None and target.state != HEALTHY:
             # It just passed its probe: an explicit switch (or failover) to it means "serve now".
             target.apply(lambda b, now: b.reset(now, f"{reason}: probe passed"))
-        self._mark(old, target, reason + (" (forced)" if force and reason != "failover" else ""))
+        self._mark(old, target, reason + (" (forced)" if force and reason in ("switch", "detach") else ""))
         self.supervisor.wake()
         return self.epoch
 

@@ -96,3 +96,89 @@ class RedisServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class SentinelCluster:
+    """A master, a replica and ``sentinels`` Redis Sentinels on loopback, for failover within a cluster."""
+
+    def __init__(self, master_name: str = "mymaster", sentinels: int = 3, down_after_ms: int = 500,
+                 failover_timeout_ms: int = 3000) -> None:
+        self.master_name = master_name
+        self.master = RedisServer()
+        self.replica = RedisServer(extra_args=("--replicaof", "127.0.0.1", str(self.master.port)))
+        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self._procs: list[subprocess.Popen] = []
+        self.dir = tempfile.mkdtemp(prefix="hicache-ha-sentinel-")
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.sentinel_ports]
+
+    def start(self) -> "SentinelCluster":
+        self.master.start()
+        self.replica.start()
+        self._wait_replica_synced()
+        for port in self.sentinel_ports:
+            conf = os.path.join(self.dir, f"sentinel-{port}.conf")
+            with open(conf, "w") as f:
+                f.write(
+                    f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                    f"sentinel monitor {self.master_name} 127.0.0.1 {self.master.port} 2\n"
+                    f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
+                    f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}\n"
+                    f"sentinel parallel-syncs {self.master_name} 1\n"
+                )
+            self._procs.append(subprocess.Popen([redis_server_path(), conf, "--sentinel"],
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                start_new_session=True))
+        for port in self.sentinel_ports:
+            self._wait_sentinel(port)
+        return self
+
+    def _wait_replica_synced(self, timeout: float = 10.0) -> None:
+        client = redis.Redis(port=self.replica.port, socket_timeout=0.5)
+        deadline = time.monotonic() + timeout
+        while client.info("replication").get("master_link_status") != "up":
+            if time.monotonic() > deadline:
+                raise RuntimeError("replica did not sync with its master")
+            time.sleep(0.05)
+        client.close()
+
+    def _wait_sentinel(self, port: int, timeout: float = 10.0) -> None:
+        client = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                info = client.sentinel_masters()
+                if self.master_name in info and info[self.master_name].get("num-other-sentinels", 0) >= 1:
+                    break
+            except redis.exceptions.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sentinel on {port} not ready")
+            time.sleep(0.05)
+        client.close()
+
+    def current_master_port(self) -> int:
+        client = redis.Redis(port=self.sentinel_ports[0], socket_timeout=0.5)
+        try:
+            return int(client.sentinel_get_master_addr_by_name(self.master_name)[1])
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        for p in self._procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+        self.master.close()
+        self.replica.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "SentinelCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
