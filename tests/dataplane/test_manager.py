@@ -209,3 +209,45 @@ def test_restore_rolls_back_to_a_previous_epoch():
     m.restore(1, "a")
     assert (m.epoch, m.active.name) == (1, "a")
     assert m.events.recent()[-1].reason == "rollback"
+
+
+def _get_in_thread(m, keys):
+    out = {}
+
+    def run():
+        t0 = time.perf_counter()
+        out["pages"] = m.get(keys)
+        out["took"] = time.perf_counter() - t0
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def test_a_trip_releases_callers_waiting_on_the_member_at_once():
+    m = manager({"name": "g", "type": GATE}, deadlines={"get": 5000})
+    g = gate_of(m, "g")
+    g.close_gate()
+    try:
+        t, out = _get_in_thread(m, ["k"])
+        assert g.entered.wait(2)
+        m.members["g"].apply(lambda b, now: b.trip(now, "test"))
+        t.join(2)
+        assert out["pages"] == [None] and out["took"] < 1.0  # not the 5 s deadline
+        assert m.members["g"].snapshot()["ops"]["get"]["short_circuited"] == 1
+    finally:
+        g.open_gate()
+
+
+def test_a_forced_switch_releases_callers_waiting_on_the_old_member():
+    m = manager({"name": "g", "type": GATE}, {"name": "b", "type": "memory"}, deadlines={"get": 5000})
+    g = gate_of(m, "g")
+    g.close_gate()
+    try:
+        t, out = _get_in_thread(m, ["k"])
+        assert g.entered.wait(2)
+        m.commit(m.prepare("b"), force=True)
+        t.join(2)
+        assert out["pages"] == [None] and out["took"] < 1.0
+    finally:
+        g.open_gate()

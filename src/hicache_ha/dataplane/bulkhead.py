@@ -17,7 +17,7 @@ class Call:
     A bare lock, held until the call finishes, is the cheapest hand-off CPython has (an Event builds a
     Condition and a waiter lock per wait); it matters, as the hop is on every engine call."""
 
-    __slots__ = ("fn", "args", "_done", "finished", "result", "error")
+    __slots__ = ("fn", "args", "_done", "finished", "fenced", "result", "error")
 
     def __init__(self, fn: Callable[..., Any], args: tuple) -> None:
         self.fn = fn
@@ -25,6 +25,7 @@ class Call:
         self._done = threading.Lock()
         self._done.acquire()
         self.finished = False
+        self.fenced = False
         self.result: Any = None
         self.error: Optional[BaseException] = None
 
@@ -34,16 +35,27 @@ class Call:
         except BaseException as exc:  # handed to the caller, who classifies it
             self.error = exc
         self.finished = True
-        self._done.release()
+        self._release()
+
+    def fence(self) -> None:
+        """Let the waiter go now; whatever the call returns later is never looked at."""
+        self.fenced = True
+        self._release()
+
+    def _release(self) -> None:
+        try:
+            self._done.release()
+        except RuntimeError:  # already released by the other of run() / fence()
+            pass
 
     def wait(self, timeout: float) -> bool:
-        """True once the call has finished; False if ``timeout`` seconds passed first."""
-        if self.finished:
+        """True once the call has finished or was fenced; False if ``timeout`` seconds passed first."""
+        if self.finished or self.fenced:
             return True
         if self._done.acquire(timeout=max(timeout, 0.0)):
-            self._done.release()  # let any other waiter through too
+            self._release()  # let any other waiter through too
             return True
-        return self.finished
+        return self.finished or self.fenced
 
 
 class Bulkhead:
@@ -51,6 +63,7 @@ class Bulkhead:
         self.name = name
         self.limit = workers + queue
         self._in_flight = 0
+        self._calls: set[Call] = set()
         self._idle = threading.Condition(threading.Lock())
         self._queue: SimpleQueue[Optional[Call]] = SimpleQueue()
         self._workers = workers
@@ -69,9 +82,19 @@ class Bulkhead:
             if self._in_flight >= self.limit or self._closed:
                 return None
             self._in_flight += 1
-        call = Call(fn, args)
+            call = Call(fn, args)
+            self._calls.add(call)
         self._queue.put(call)
         return call
+
+    def fence_all(self) -> int:
+        """Release every caller waiting on this member (it tripped, or traffic was forced off it).
+        The calls go on running on their workers; their results are discarded. Returns how many."""
+        with self._idle:
+            calls = [c for c in self._calls if not c.finished]
+        for c in calls:
+            c.fence()
+        return len(calls)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no call is in flight; False if that did not happen within ``timeout`` seconds."""
@@ -85,6 +108,7 @@ class Bulkhead:
                 return
             call.run()
             with self._idle:
+                self._calls.discard(call)
                 self._in_flight -= 1
                 if self._in_flight == 0:
                     self._idle.notify_all()

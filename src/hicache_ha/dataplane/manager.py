@@ -268,8 +268,8 @@ class BackendManager:
                 f"{old.in_flight} call(s) in flight on {old.name!r} did not finish within {drain_timeout_s} s; "
                 "retry later or use force"
             )
-        if old is not None and force and old.in_flight:
-            old.count("abandoned", old.in_flight)
+        if old is not None and force:
+            old.bulkhead.fence_all()  # forced: nobody waits for the old member
         if target is not None and target.state != HEALTHY:
             # It just passed its probe: an explicit switch (or failover) to it means "serve now".
             target.apply(lambda b, now: b.reset(now, f"{reason}: probe passed"))

@@ -150,6 +150,9 @@ class Member:
             self._log.warn((op, "timeout"), "hicache-ha: %s on %r exceeded its %.0f ms deadline; abandoned",
                            op, self.name, deadline_s * 1000)
             return Outcome.TIMEOUT, None
+        if call.fenced and not call.finished:
+            self.count("abandoned")
+            return Outcome.SHORT_CIRCUITED, None  # cut short: the member tripped or traffic left it
         if call.error is not None:
             outcome = classify(call.error)
             self._log.warn((op, outcome), "hicache-ha: %s on %r failed (%s): %s", op, self.name, outcome, call.error)
@@ -193,6 +196,8 @@ class Member:
         return transition
 
     def _emit(self, transition: Transition) -> None:
+        if transition.to_state in (CIRCUIT_BROKEN, DETACHED):
+            self.bulkhead.fence_all()  # nobody waits out a deadline on a member known to be bad
         for listener in self.listeners:
             listener(self, transition)
 

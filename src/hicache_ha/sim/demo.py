@@ -38,6 +38,19 @@ class DemoResult:
     phases: list[Phase]
     bound_ms: float
     snapshots: list[dict] = field(default_factory=list)
+    fault_wall: Optional[float] = None  # when the primary was frozen (time.time())
+    events: list = field(default_factory=list)
+
+    def after_fault_ms(self, **match) -> list[float]:
+        """Per rank: ms from the fault to the first event matching ``match`` (after the fault)."""
+        if self.fault_wall is None:
+            return []
+        firsts: dict[int, float] = {}
+        for e in self.events:
+            d = e.to_dict()
+            if e.time >= self.fault_wall and all(d.get(k, e.detail.get(k)) == v for k, v in match.items()):
+                firsts.setdefault(e.rank, (e.time - self.fault_wall) * 1000)
+        return [firsts[r] for r in sorted(firsts)]
 
     def phase_rows(self) -> list[dict]:
         rows = []
@@ -60,7 +73,24 @@ def demo_config(primary: dict, standby_dir: str) -> dict:
     return {
         "backends": [primary, {"name": "standby", "type": "file", "path": standby_dir}],
         "deadlines_ms": DEMO_DEADLINES,
+        "health": {"backoff": {"base_ms": 500, "cap_ms": 4000}},
+        "failover": {"failback": "auto", "failback_after_ms": 3000},
     }
+
+
+def _event_printer(console: Console, started_wall: float):
+    def show(event) -> None:
+        what = f"{event.from_state} → {event.to_state}"
+        if event.detail.get("role") == "active":
+            what = f"active: {event.from_state} → {event.to_state}"
+            style = "bold cyan"
+        else:
+            style = {"circuit_broken": "bold red", "recovering": "yellow", "healthy": "bold green"}.get(
+                event.to_state, "white")
+        who = f" {event.backend}" if event.backend and event.detail.get("role") != "active" else ""
+        console.print(f"[{style}]t={event.time - started_wall:5.2f}s  rank {event.rank}{who}: {what}  ({event.reason})[/]")
+
+    return show
 
 
 def _status(sim: Simulation, managers: list[BackendManager], phase: str, bound_ms: float) -> Text:
@@ -112,6 +142,9 @@ def run_demo(*, duration: float = 30.0, ranks: int = 2, page_kib: int = 64,
         phases = [Phase("steady", 0, freeze_at), Phase("primary frozen", freeze_at, thaw_at),
                   Phase("primary resumed", thaw_at, duration)]
         sim = Simulation(managers, page_size=page).start()
+        started_wall = time.time() - sim.stats.now()
+        for m in managers:
+            m.events.subscribe(_event_printer(console, started_wall))
         result = DemoResult(sim.stats, phases, bound_ms)
         frozen = thawed = False
         live = Live(console=console, refresh_per_second=4, transient=False) if console.is_terminal else None
@@ -122,6 +155,7 @@ def run_demo(*, duration: float = 30.0, ranks: int = 2, page_kib: int = 64,
             while (now := sim.stats.now()) < duration:
                 if server and not frozen and now >= freeze_at:
                     server.freeze()
+                    result.fault_wall = time.time()
                     frozen = True
                     console.print(f"[bold yellow]t={now:.1f}s  SIGSTOP primary redis-server (pid {server.proc.pid})[/]")
                 if server and frozen and not thawed and now >= thaw_at:
@@ -143,6 +177,7 @@ def run_demo(*, duration: float = 30.0, ranks: int = 2, page_kib: int = 64,
                 server.thaw()
             sim.finish()
         result.snapshots = [m.snapshot() for m in managers]
+        result.events = sorted((e for m in managers for e in m.events.recent(1000)), key=lambda e: e.time)
         _summary(console, result)
         return result
     finally:
@@ -169,4 +204,9 @@ def _summary(console: Console, result: DemoResult) -> None:
         f"errors surfaced to the engine: {st.errors_surfaced}; pages that failed verification: {st.verify_failures}; "
         f"slowest call {worst:.1f} ms (bound {result.bound_ms:.0f} ms)"
     )
+    detect = result.after_fault_ms(backend="primary", to="circuit_broken")
+    serve = result.after_fault_ms(role="active", to="standby")
+    if detect:
+        console.print("fault → primary circuit_broken: " + ", ".join(f"{ms:.0f} ms" for ms in detect)
+                      + "; fault → standby serving: " + ", ".join(f"{ms:.0f} ms" for ms in serve) + " (per rank)")
     console.print("[bold green]the engine never stalled[/]" if ok else "[bold red]contract violated[/]")

@@ -205,7 +205,13 @@ class Simulation:
         return self
 
     def finish(self, timeout: float = 30.0) -> SimStats:
+        """Stop the ranks. A rank that stopped first leaves the others waiting in the all-reduce, so
+        after a grace period the collective is aborted (as a real engine's would time out)."""
         self.stop.set()
+        grace = time.monotonic() + 2.0
+        for r in self.ranks:
+            r.join(max(0.0, grace - time.monotonic()))
+        self.reducer.abort()
         for r in self.ranks:
             r.join(timeout)
         for r in self.ranks:
