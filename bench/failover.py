@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -111,6 +112,7 @@ def main() -> None:
     ap.add_argument("--baseline-trials", type=int, default=3)
     ap.add_argument("--json", default="out/failover.json")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # every transition would be logged otherwise
     results = {}
     for fault in ("kill", "hang"):
         results[f"hicache-ha/{fault}"] = summarize([ha_trial(fault, i) for i in range(args.trials)])

@@ -99,9 +99,21 @@ class FailoverConfig(_Strict):
 
 
 class AdminConfig(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(default=18080, ge=0, le=65535)
+    mode: Literal["embedded", "remote", "off"] = Field(
+        default="embedded",
+        description="embedded: the leader rank (TP0/PP0/DP0/CP0) serves the controller; remote: a standalone "
+                    "`hicache-ha controller` does; off: no control plane (each rank fails over alone)")
+    host: str = Field(default="127.0.0.1", description="where the controller listens (HTTP and agents)")
+    port: int = Field(default=18080, ge=0, le=65535, description="admin REST API port")
+    agent_port: int = Field(default=18081, ge=0, le=65535, description="port the ranks' agents connect to")
     api_key_file: Optional[Path] = Field(default=None, description="file holding the admin key (never the key itself)")
+    expected_ranks: Optional[int] = Field(default=None, ge=1, description="ranks in the deployment (default: tp × pp × cp of the leader)")
+    state_file: Optional[Path] = Field(default=None, description="where the desired state is kept (default: a file in the temp dir)")
+    state_redis_url: Optional[str] = Field(default=None, description="keep the desired state in Redis instead (fleets)")
+    heartbeat_ms: int = Field(default=500, ge=10, description="agent heartbeat period")
+    rank_timeout_ms: int = Field(default=3000, ge=50, description="a rank silent this long counts as missing")
+    command_timeout_ms: int = Field(default=10_000, ge=10, description="how long the controller waits for a rank's answer")
+    group_failover_timeout_ms: int = Field(default=1000, ge=0, description="a rank fails over alone if the controller has not moved the group by then")
 
 
 class HAConfig(_Strict):

@@ -36,8 +36,15 @@ class Layout:
 
     @property
     def rank(self) -> int:
-        """A flat rank id within the deployment (tp fastest, then cp, then pp)."""
-        return self.tp_rank + self.tp_size * (self.cp_rank + self.cp_size * self.pp_rank)
+        """A flat rank id within the deployment (tp fastest, then cp, pp, dp)."""
+        return self.tp_rank + self.tp_size * (self.cp_rank + self.cp_size * (self.pp_rank + self.pp_size * self.dp_rank))
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> dict:
+        return {"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.dp_rank, "cp": self.cp_rank}
 
     def identity(self) -> dict:
         """The fields that decide which pages this rank may read."""

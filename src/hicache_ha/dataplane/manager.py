@@ -22,7 +22,7 @@ from ..config import HAConfig, parse
 from ..health.outcomes import Outcome
 from .events import EventLog
 from .layout import Layout
-from ..health.breaker import DETACHED, HEALTHY, Transition
+from ..health.breaker import CIRCUIT_BROKEN, DETACHED, HEALTHY, Transition
 from .member import Member
 from .supervisor import Supervisor
 
@@ -83,7 +83,7 @@ class BackendManager:
         self.failovers = 0
         # Who carries out a failover the supervisor decided on. A control plane replaces it so that all
         # ranks move together; it must not block (the supervisor calls it).
-        self.failover_handler: Callable[[Member, str], None] = self._local_failover
+        self.failover_handler: Callable[[Member, str], None] = self.local_failover
         self.supervisor = Supervisor(self, clock=clock)
         if supervise:
             self.supervisor.start()
@@ -104,7 +104,7 @@ class BackendManager:
 
     def _on_transition(self, member: Member, t: Transition) -> None:
         self.events.emit(member.name, t.from_state, t.to_state, t.reason, active=member is self.active)
-        level = logging.INFO if t.to_state == HEALTHY else logging.WARNING
+        level = logging.WARNING if t.to_state in (CIRCUIT_BROKEN, DETACHED) else logging.INFO
         log.log(level, "hicache-ha: rank %d: %r %s -> %s (%s)", self.layout.rank, member.name,
                 t.from_state, t.to_state, t.reason)
         supervisor = getattr(self, "supervisor", None)
@@ -197,7 +197,8 @@ class BackendManager:
             raise PrepareRefused(f"backend {member.name!r} failed its probe ({outcome})")
         return Prepared(uuid.uuid4().hex, member, is_new, base)
 
-    def commit(self, prepared: Prepared, *, force: bool = False, drain_timeout_s: float = 5.0) -> int:
+    def commit(self, prepared: Prepared, *, force: bool = False, drain_timeout_s: float = 5.0,
+               epoch: Optional[int] = None) -> int:
         """Make the prepared member active at a new epoch and return it.
 
         New engine calls go to the target at once. Without ``force``, the old member's in-flight calls
@@ -206,7 +207,7 @@ class BackendManager:
         with self._control:
             if prepared.is_new:
                 self.members.setdefault(prepared.member.name, prepared.member)
-            return self._move(prepared.member, "switch", force, drain_timeout_s)
+            return self._move(prepared.member, "switch", force, drain_timeout_s, epoch)
 
     def abort(self, prepared: Prepared) -> None:
         """Forget a prepared switch; a member built only for it is closed."""
@@ -214,16 +215,16 @@ class BackendManager:
             if prepared.is_new and self.members.get(prepared.member.name) is not prepared.member:
                 prepared.member.close()
 
-    def detach(self, *, force: bool = False, drain_timeout_s: float = 5.0) -> int:
+    def detach(self, *, force: bool = False, drain_timeout_s: float = 5.0, epoch: Optional[int] = None) -> int:
         """Run without L3: reads miss, writes are dropped and counted."""
         with self._control:
-            return self._move(None, "detach", force, drain_timeout_s)
+            return self._move(None, "detach", force, drain_timeout_s, epoch)
 
     def failover_to(self, target: Member, reason: str) -> None:
         """The supervisor found ``target`` healthy and probed: hand the move to the failover handler."""
         self.failover_handler(target, reason)
 
-    def _local_failover(self, target: Member, reason: str) -> None:
+    def local_failover(self, target: Member, reason: str) -> None:
         with self._control:
             old = self.active
             if old is target or (reason == "failover" and (old is None or old.state == HEALTHY)):
@@ -256,12 +257,16 @@ class BackendManager:
             self.epoch = epoch
             self._mark(old, member, "rollback")
 
-    def _move(self, target: Optional[Member], reason: str, force: bool, drain_timeout_s: float) -> int:
+    def _move(self, target: Optional[Member], reason: str, force: bool, drain_timeout_s: float,
+              epoch: Optional[int] = None) -> int:
+        """Point traffic at ``target``; the new epoch is ``epoch`` (a control plane's) or the next one."""
         old, old_epoch = self.active, self.epoch
         if old is target:
+            if epoch is not None:
+                self.epoch = epoch
             return self.epoch
         self.active = target
-        self.epoch = old_epoch + 1
+        self.epoch = epoch if epoch is not None else old_epoch + 1
         if old is not None and not force and not old.bulkhead.wait_idle(drain_timeout_s):
             self.active, self.epoch = old, old_epoch
             raise DrainTimeout(

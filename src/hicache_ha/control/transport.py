@@ -1,0 +1,129 @@
+"""Message channel between the controller (ROUTER, binds) and the ranks' agents (DEALER, connect out).
+
+One I/O thread owns the ZeroMQ socket (sockets are not thread-safe); other threads hand it messages
+through a queue and wake it through an inproc pair, so nothing busy-waits. Messages are JSON objects.
+Sends never block: a message that cannot be queued (peer gone) is dropped, and the protocol above
+retries what matters (heartbeats repeat, commands time out).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from queue import Empty, SimpleQueue
+from typing import Callable, Optional
+
+import zmq
+
+log = logging.getLogger("hicache_ha.control")
+
+OnMessage = Callable[[Optional[bytes], dict], None]
+
+
+class Channel:
+    def __init__(self, kind: int, endpoint: str, *, bind: bool, on_message: OnMessage,
+                 identity: Optional[bytes] = None, name: str = "channel") -> None:
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(kind)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 1000)
+        if kind == zmq.ROUTER:
+            self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if kind == zmq.DEALER:
+            self._sock.setsockopt(zmq.IMMEDIATE, 1)  # don't queue for a controller that is not there
+            self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if identity is not None:
+            self._sock.setsockopt(zmq.IDENTITY, identity)
+        if bind:
+            self._sock.bind(endpoint)
+        else:
+            self._sock.connect(endpoint)
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT) if bind else endpoint
+        self._kind = kind
+        self._on_message = on_message
+        self._out: SimpleQueue = SimpleQueue()
+        wake_addr = f"inproc://wake-{uuid.uuid4().hex}"
+        self._wake_r = self._ctx.socket(zmq.PAIR)
+        self._wake_r.bind(wake_addr)
+        self._wake_w = self._ctx.socket(zmq.PAIR)
+        self._wake_w.connect(wake_addr)
+        self._wake_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"hicache-ha-{name}", daemon=True)
+        self._thread.start()
+
+    def send(self, msg: dict, to: Optional[bytes] = None) -> None:
+        if self._closed.is_set():
+            return
+        self._out.put((to, json.dumps(msg).encode()))
+        with self._wake_lock:
+            try:
+                self._wake_w.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while not self._closed.is_set():
+            try:
+                events = dict(poller.poll(200))
+            except zmq.ZMQError:
+                break
+            if self._wake_r in events:
+                while True:
+                    try:
+                        self._wake_r.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+            if self._sock in events:
+                self._drain_in()
+            self._drain_out()
+        self._sock.close(0)
+        self._wake_r.close(0)
+        self._wake_w.close(0)
+        self._ctx.term()
+
+    def _drain_in(self) -> None:
+        while True:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            peer = frames[0] if self._kind == zmq.ROUTER else None
+            try:
+                msg = json.loads(frames[-1])
+            except ValueError:
+                log.warning("hicache-ha: dropped a malformed control message")
+                continue
+            try:
+                self._on_message(peer, msg)
+            except Exception:
+                log.exception("hicache-ha: handling a control message failed")
+
+    def _drain_out(self) -> None:
+        while True:
+            try:
+                to, data = self._out.get_nowait()
+            except Empty:
+                return
+            try:
+                if self._kind == zmq.ROUTER:
+                    self._sock.send_multipart([to, data], zmq.NOBLOCK)
+                else:
+                    self._sock.send(data, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # peer not connected: dropped, see the module docstring
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._wake_lock:  # wake the loop so it sees the flag
+            try:
+                self._wake_w.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        self._thread.join(2)
