@@ -26,6 +26,7 @@ def _close_storages():
 
 def build(ha: dict, tp_rank=0, tp_size=2, *, mla=False, pool=None, model="test/model"):
     """HAStorage exactly as SGLang builds it: its own factory, the dynamic hook, then the host pool."""
+    ha = {"admin": {"mode": "off"}, **ha}  # these tests are about one rank's data plane
     cfg = storage_config(tp_rank, tp_size, mla=mla, extra={**DYNAMIC, "ha": ha}, model=model)
     storage = StorageBackendFactory.create_backend("dynamic", cfg, None)
     _BUILT.append(storage)

@@ -112,7 +112,7 @@ def test_a_missing_ha_config_says_where_to_put_it():
 
 def test_ha_config_can_be_a_file(tmp_path):
     path = tmp_path / "ha.yaml"
-    path.write_text(f"backends:\n  - name: f\n    type: file\n    path: {tmp_path / 'pages'}\n")
+    path.write_text(f"admin: {{mode: \"off\"}}\nbackends:\n  - name: f\n    type: file\n    path: {tmp_path / 'pages'}\n")
     cfg = storage_config(extra={"backend_name": "hicache_ha", "module_path": "hicache_ha.sglang",
                                 "class_name": "HAStorage", "ha_config": str(path)})
     s = StorageBackendFactory.create_backend("dynamic", cfg, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from queue import SimpleQueue
 from typing import Optional
 
@@ -51,6 +52,8 @@ class Agent:
         self._commands: SimpleQueue = SimpleQueue()
         self._failover_asked: dict[str, float] = {}  # target -> when we first asked the controller
         self._stop = threading.Event()
+        self._events: deque = deque(maxlen=200)  # transitions not yet reported to the controller
+        manager.events.subscribe(lambda e: self._events.append(e.to_dict()))
         self.channel = Channel(zmq.DEALER, endpoint, bind=False, on_message=self._on_message,
                                identity=f"rank-{self.rank}".encode(), name=f"agent-{self.rank}")
         manager.failover_handler = self._failover_handler
@@ -64,8 +67,11 @@ class Agent:
             self._commands.put(msg)
 
     def _hello(self, kind: str) -> dict:
+        events = []
+        while self._events:
+            events.append(self._events.popleft())
         return {"type": kind, "rank": self.rank, "identity": self.manager.layout.describe(),
-                "status": rank_status(self.manager)}
+                "status": rank_status(self.manager), "events": events}
 
     def _heartbeats(self) -> None:
         self.channel.send(self._hello("register"))

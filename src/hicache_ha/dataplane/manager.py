@@ -28,9 +28,6 @@ from .supervisor import Supervisor
 
 log = logging.getLogger("hicache_ha.dataplane")
 
-# Slack for the probe of a prepare: it writes and reads one small page.
-PROBE_DEADLINE_S = 2.0
-
 
 class SwitchError(Exception):
     """A local switch step was refused; ``status`` is the HTTP status a control plane should answer."""
@@ -174,8 +171,11 @@ class BackendManager:
         return [True] * n
 
     # -- local switch steps (driven by a control plane, or by an operator in-process) ---------------
-    def prepare(self, target: Union[str, BackendConfig, dict], *, probe_deadline_s: float = PROBE_DEADLINE_S) -> Prepared:
-        """Build (if new) and probe the target. Raises UnknownBackend or PrepareRefused; changes nothing."""
+    def prepare(self, target: Union[str, BackendConfig, dict], *, probe_deadline_s: Optional[float] = None) -> Prepared:
+        """Build (if new) and probe the target. Raises UnknownBackend or PrepareRefused; changes nothing.
+        The probe may take ``health.recovery.probe_timeout_ms`` unless told otherwise."""
+        if probe_deadline_s is None:
+            probe_deadline_s = self.config.health.recovery.probe_timeout_ms / 1000
         if isinstance(target, dict):
             target = parse({"backends": [target]}).backends[0]
         with self._control:

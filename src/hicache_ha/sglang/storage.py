@@ -24,6 +24,7 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageC
 from ..backends.base import BackendContext
 from ..backends.errors import ConfigError
 from ..config import HAConfig, load, parse
+from ..control.service import attach_control_plane
 from ..dataplane import BackendManager, Layout
 
 log = logging.getLogger("hicache_ha.sglang")
@@ -93,6 +94,7 @@ class HAStorage(HiCacheStorage):
         self.config = resolve_config(storage_config.extra_config)
         self.context = BackendContext(storage_config=storage_config, host=self, extra=dict(kwargs or {}))
         self.manager = BackendManager(self.config, Layout.from_storage_config(storage_config), self.context)
+        self.control = attach_control_plane(self.manager, self.config)
         self._page_bytes: Optional[int] = None
         self._dtype: Optional[torch.dtype] = None
 
@@ -186,4 +188,6 @@ class HAStorage(HiCacheStorage):
 
     @_never_raises(lambda *a, **k: None)
     def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
         self.manager.close()

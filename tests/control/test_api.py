@@ -1,0 +1,192 @@
+"""The admin API and the two-phase switch, in process: a controller and four ranks' data planes."""
+
+import logging
+import time
+
+import pytest
+
+from tests.control.conftest import AUTH, KEY, wait_for
+from tests.helpers import GATE
+
+MEM = [{"name": "primary", "type": "memory"}, {"name": "standby", "type": "memory"}]
+
+
+def test_switch_moves_every_rank_to_one_new_epoch_and_back(cluster_factory):
+    c = cluster_factory({"backends": MEM})
+    r = c.client.put("/hicache/storage-backend", json={"backend": "standby"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["epoch"] == 2 and c.epochs() == {(2, "standby")}
+    r = c.client.put("/hicache/storage-backend", json={"backend": "primary"}, headers=AUTH)
+    assert r.status_code == 200 and c.epochs() == {(3, "primary")}
+    wait_for(lambda: all(x["epoch"] == 3 for x in c.client.get("/hicache/storage-backend", headers=AUTH).json()["ranks"]),
+             what="heartbeats to report epoch 3")
+    body = c.client.get("/hicache/storage-backend", headers=AUTH).json()
+    assert body["epoch"] == 3 and body["active"] == "primary"
+    assert {b["name"]: b["state"] for b in body["backends"]} == {"primary": "healthy", "standby": "healthy"}
+    assert [x["rank"] for x in body["ranks"]] == [0, 1, 2, 3]
+    assert all(set(x) >= {"rank", "epoch", "active", "in_flight"} for x in body["ranks"])
+
+
+def test_prepare_refused_on_one_rank_changes_nothing_anywhere(cluster_factory):
+    c = cluster_factory({"backends": MEM + [{"name": "flaky", "type": GATE}]})
+    c.managers[2].members["flaky"].backend.close_gate()  # rank 2 cannot reach it
+    try:
+        r = c.client.put("/hicache/storage-backend", json={"backend": "flaky"}, headers=AUTH)
+        assert r.status_code == 503
+        body = r.json()
+        assert [f["rank"] for f in body["failed"]] == [2] and "probe" in body["failed"][0]["reason"]
+        assert c.epochs() == {(1, "primary")}
+        assert c.client.get("/hicache/storage-backend", headers=AUTH).json()["epoch"] == 1
+    finally:
+        c.managers[2].members["flaky"].backend.open_gate()
+
+
+def test_a_rank_that_dies_between_prepare_and_commit_gets_the_others_rolled_back(cluster_factory):
+    c = cluster_factory({"backends": MEM})
+    victim = 3
+    c.controller.hooks["after_prepare"].append(lambda: c.agents[victim].close())
+    r = c.client.put("/hicache/storage-backend", json={"backend": "standby"}, headers=AUTH)
+    assert r.status_code == 503
+    body = r.json()
+    assert body["rolled_back"] == [0, 1, 2] and [f["rank"] for f in body["failed"]] == [victim]
+    assert {(m.epoch, m.active.name) for m in c.managers[:3]} == {(1, "primary")}
+    # The rank comes back (a new agent on the same data plane, which missed the rollback) and converges.
+    c.controller.hooks["after_prepare"].clear()
+    c.managers[victim].commit(c.managers[victim].prepare("standby"))
+    c.agents[victim] = c.agent(c.managers[victim])
+    wait_for(lambda: c.epochs() == {(1, "primary")}, what="the returning rank to converge")
+
+
+def test_without_force_a_hung_member_that_cannot_drain_refuses_with_409(cluster_factory):
+    doc = {"backends": [{"name": "primary", "type": GATE}, {"name": "standby", "type": "memory"}],
+           "deadlines_ms": {"get": 3000}, "health": {"consecutive_failures": None, "failure_rate": None,
+                                                      "slow_calls": None, "ping": {"interval_ms": 60000}}}
+    c = cluster_factory(doc)
+    gate = c.managers[1].members["primary"].backend
+    gate.close_gate()
+    try:
+        import threading
+
+        threading.Thread(target=c.managers[1].get, args=(["k"],), daemon=True).start()
+        assert gate.entered.wait(2)
+        r = c.client.put("/hicache/storage-backend", json={"backend": "standby", "drain_timeout_s": 0.2},
+                         headers=AUTH)
+        assert r.status_code == 409, r.text
+        assert c.epochs() == {(1, "primary")}
+        t0 = time.monotonic()
+        r = c.client.put("/hicache/storage-backend", json={"backend": "standby", "force": True}, headers=AUTH)
+        assert r.status_code == 200 and time.monotonic() - t0 < 1.0
+        assert c.epochs() == {(2, "standby")}
+    finally:
+        gate.open_gate()
+
+
+def test_attach_a_new_member_from_a_spec(cluster_factory, tmp_path):
+    c = cluster_factory({"backends": MEM})
+    spec = {"name": "disk", "type": "file", "path": str(tmp_path / "disk")}
+    r = c.client.put("/hicache/storage-backend", json={"spec": spec}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert c.epochs() == {(2, "disk")}
+    assert c.managers[0].set(["k"], [b"v"]) == [True]
+    assert any(b["name"] == "disk" for b in c.client.get("/hicache/storage-backend", headers=AUTH).json()["backends"])
+
+
+def test_detach_runs_every_rank_without_l3(cluster_factory):
+    c = cluster_factory({"backends": MEM})
+    r = c.client.delete("/hicache/storage-backend?force=true", headers=AUTH)
+    assert r.status_code == 200 and r.json()["active"] is None
+    assert c.epochs() == {(2, None)}
+    assert c.managers[0].set(["k"], [b"v"]) == [False]
+
+
+def test_a_missing_rank_blocks_a_switch_unless_forced(cluster_factory):
+    c = cluster_factory({"backends": MEM})
+    c.agents[1].close()
+    wait_for(lambda: 1 in c.controller.missing(), what="rank 1 to be missing")
+    r = c.client.put("/hicache/storage-backend", json={"backend": "standby"}, headers=AUTH)
+    assert r.status_code == 503 and r.json()["missing"] == [1]
+    assert c.epochs() == {(1, "primary")}
+    r = c.client.put("/hicache/storage-backend", json={"backend": "standby", "force": True}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["missing"] == [1]
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"backend": "nope"}, 404, "unknown backend"),
+    ({"backend": "standby", "colour": "red"}, 422, "colour"),
+    ({"backend": "standby", "spec": {"name": "x", "type": "memory"}}, 422, "exactly one"),
+    ({}, 422, "exactly one"),
+    ({"backend": 5}, 422, "string"),
+    ({"backend": "standby", "drain_timeout_s": -1}, 422, "greater than or equal"),
+    ({"spec": {"name": "x", "type": "mongo"}}, 422, "unknown backend type"),
+    ({"spec": {"name": "x", "type": "file"}}, 422, "path"),
+])
+def test_bad_input_is_a_4xx_with_a_message_and_changes_nothing(cluster_factory, body, status, words):
+    c = cluster_factory({"backends": MEM}, ranks=2)
+    r = c.client.put("/hicache/storage-backend", json=body, headers=AUTH)
+    assert r.status_code == status, r.text
+    assert words in r.text
+    assert c.epochs() == {(1, "primary")}
+
+
+def test_malformed_json_is_a_422(cluster_factory):
+    c = cluster_factory({"backends": MEM}, ranks=1)
+    r = c.client.put("/hicache/storage-backend", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 422
+
+
+def test_auth_missing_or_wrong_key_is_401_and_no_key_configured_is_400(cluster_factory, caplog):
+    from fastapi.testclient import TestClient
+
+    from hicache_ha.control.api import create_app
+
+    c = cluster_factory({"backends": MEM}, ranks=1)
+    caplog.set_level(logging.DEBUG)
+    for method, path in (("get", "/hicache/storage-backend"), ("put", "/hicache/storage-backend"),
+                         ("delete", "/hicache/storage-backend"), ("get", "/hicache/storage-backend/events")):
+        assert getattr(c.client, method)(path).status_code == 401
+        assert getattr(c.client, method)(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert getattr(c.client, method)(path, headers={"Authorization": KEY}).status_code == 401
+    assert c.client.get("/healthz").status_code == 200
+    keyless = TestClient(create_app(c.controller, None))
+    for method, path in (("get", "/hicache/storage-backend"), ("put", "/hicache/storage-backend"),
+                         ("delete", "/hicache/storage-backend"), ("get", "/hicache/storage-backend/events")):
+        r = getattr(keyless, method)(path, headers=AUTH)
+        assert r.status_code == 400 and "admin key" in r.json()["error"]
+    c.client.put("/hicache/storage-backend", json={"backend": "standby"}, headers=AUTH)
+    assert KEY not in caplog.text
+
+
+def test_events_list_transitions(cluster_factory):
+    c = cluster_factory({"backends": MEM}, ranks=2)
+    c.client.put("/hicache/storage-backend", json={"backend": "standby"}, headers=AUTH)
+    wait_for(lambda: any(e["rank"] == 1 and e["to"] == "standby" for e in
+                         c.client.get("/hicache/storage-backend/events", headers=AUTH).json()),
+             what="rank events to reach the controller")
+    events = c.client.get("/hicache/storage-backend/events", headers=AUTH).json()
+    assert all(set(e) >= {"time", "rank", "backend", "from", "to", "reason"} for e in events)
+
+
+def test_a_restarted_controller_resumes_and_aborts_a_switch_it_died_in(cluster_factory):
+    c = cluster_factory({"backends": MEM})
+    c.client.put("/hicache/storage-backend", json={"backend": "standby"}, headers=AUTH)
+    state_file = c.tmp_path / "state.json"
+    at_death = {}
+
+    def die():  # what the disk holds when the process is killed between prepare and commit
+        at_death["state"] = state_file.read_text()
+        raise SystemExit("controller killed")
+
+    c.controller.hooks["after_prepare"].append(die)
+    with pytest.raises(SystemExit):
+        c.controller.switch("primary")
+    c.controller.close()
+    state_file.write_text(at_death["state"])  # a killed process runs no cleanup
+    assert c.store.load().switch_in_flight["target"] == "primary"
+    assert c.managers[0].set(["k"], [b"v"]) == [True]  # ranks keep serving without a controller
+    c.start_controller()
+    assert c.store.load().switch_in_flight is None
+    assert c.controller.desired.epoch == 2 and c.controller.desired.active == "standby"
+    wait_for(lambda: len(c.controller.alive()) == 4, what="ranks to reconnect")
+    assert c.epochs() == {(2, "standby")}
+    r = c.client.put("/hicache/storage-backend", json={"backend": "primary"}, headers=AUTH)
+    assert r.status_code == 200 and c.epochs() == {(3, "primary")}
