@@ -190,3 +190,47 @@ def test_a_restarted_controller_resumes_and_aborts_a_switch_it_died_in(cluster_f
     assert c.epochs() == {(2, "standby")}
     r = c.client.put("/hicache/storage-backend", json={"backend": "primary"}, headers=AUTH)
     assert r.status_code == 200 and c.epochs() == {(3, "primary")}
+
+
+NO_TRIP_BUT_CONSECUTIVE = {"failure_rate": None, "slow_calls": None, "consecutive_failures": 3,
+                           "ping": {"interval_ms": 20, "timeout_ms": 50}}
+
+
+def test_a_trip_on_one_rank_moves_the_whole_group_together(cluster_factory):
+    doc = {"backends": [{"name": "primary", "type": GATE}, {"name": "standby", "type": "memory"}],
+           "health": NO_TRIP_BUT_CONSECUTIVE}
+    c = cluster_factory(doc)
+    gate = c.managers[2].members["primary"].backend  # only rank 2 sees its primary hang
+    gate.close_gate()
+    try:
+        wait_for(lambda: c.epochs() == {(2, "standby")}, timeout=5, what="the group to fail over together")
+        assert c.controller.desired.active == "standby" and c.controller.desired.epoch == 2
+        # The controller moved them all (one epoch), not each rank alone:
+        for m in c.managers:
+            assert m.failovers == 1
+            assert [e.reason for e in m.events.recent() if e.detail.get("role") == "active"] == [
+                "failover (asked by rank 2)"]
+    finally:
+        gate.open_gate()
+
+
+def test_without_a_controller_each_rank_fails_over_alone_and_reconciles_later(cluster_factory):
+    doc = {"backends": [{"name": "primary", "type": GATE}, {"name": "standby", "type": "memory"}],
+           "health": NO_TRIP_BUT_CONSECUTIVE, "admin": {"group_failover_timeout_ms": 300}}
+    c = cluster_factory(doc, ranks=2)
+    c.controller.close()
+    time.sleep(1.2)  # the agents notice the controller is gone
+    gates = [m.members["primary"].backend for m in c.managers]
+    for g in gates:
+        g.close_gate()
+    try:
+        wait_for(lambda: all(m.active.name == "standby" for m in c.managers), timeout=5, what="local failover")
+        assert all(m.failovers == 1 for m in c.managers)
+        c.start_controller()  # back: desired is still (1, primary), which is broken on the ranks
+        wait_for(lambda: c.controller.desired.active == "standby", timeout=10,
+                 what="the controller to adopt the failover")
+        wait_for(lambda: len(c.epochs()) == 1, timeout=10, what="the ranks to agree on one epoch")
+        assert c.epochs() == {(c.controller.desired.epoch, "standby")}
+    finally:
+        for g in gates:
+            g.open_gate()

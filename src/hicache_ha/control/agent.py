@@ -113,7 +113,8 @@ class Agent:
                 raise SwitchError(f"rank {self.rank}: no prepared switch {args['token']!r} (restarted?)")
             try:
                 epoch = m.commit(prepared, force=args.get("force", False),
-                                 drain_timeout_s=args.get("drain_timeout_s", 5.0), epoch=args.get("epoch"))
+                                 drain_timeout_s=args.get("drain_timeout_s", 5.0), epoch=args.get("epoch"),
+                                 reason=args.get("reason", "switch"))
             except SwitchError:
                 m.abort(prepared)
                 raise

@@ -112,6 +112,7 @@ class Controller:
                 info.last_seen = now
                 for e in msg.get("events") or []:
                     self.events.append({**e, "rank": rank})
+                ack = {"type": "ack", "epoch": self.desired.epoch, "active": self.desired.active}
             elif kind == "reply":
                 if info is not None:
                     info.last_seen = now
@@ -121,6 +122,8 @@ class Controller:
                 if pending is not None:
                     pending.reply = msg
                     pending.done.set()
+        if kind in ("register", "heartbeat") and peer is not None:
+            self.channel.send(ack, to=peer)  # tells the agent its controller is alive
         if kind == "failover_request":
             threading.Thread(target=self._group_failover, args=(rank, msg.get("target"), msg.get("from")),
                              daemon=True).start()
@@ -203,7 +206,7 @@ class Controller:
             for hook in self.hooks["after_prepare"]:
                 hook()
             replies = self.call(ranks, "commit", {"token": token, "epoch": epoch, "force": force,
-                                                  "drain_timeout_s": drain_timeout_s},
+                                                  "drain_timeout_s": drain_timeout_s, "reason": reason},
                                 self.command_timeout_s + drain_timeout_s)
             failed = _failures(replies)
             if failed:
@@ -267,7 +270,8 @@ class Controller:
                 log.exception("hicache-ha: converge step failed")
 
     def converge(self) -> None:
-        """Bring every live rank to the desired (epoch, active), one rank at a time, make-before-break."""
+        """Bring every live rank to the desired (epoch, active), one rank at a time, make-before-break.
+        A rank that left the desired member because it is broken there moves the group instead."""
         if self._switch.locked():
             return
         want = (self.desired.epoch, self.desired.active)
@@ -278,6 +282,11 @@ class Controller:
             if (st.get("epoch"), st.get("active")) == want or now < info.converge_after:
                 continue
             info.converge_after = now + 2.0
+            states = {b["name"]: b["state"] for b in st.get("backends", [])}
+            active = self.desired.active
+            if active in states and states[active] != HEALTHY and st.get("active") not in (None, active):
+                self._group_failover(r, st["active"], active)
+                return
             if not self._switch.acquire(blocking=False):
                 return
             try:
@@ -289,11 +298,6 @@ class Controller:
         epoch, active = self.desired.epoch, self.desired.active
         if active is None:
             self.call([rank], "detach", {"epoch": epoch, "force": True}, self.command_timeout_s)
-            return
-        states = {b["name"]: b["state"] for b in status.get("backends", [])}
-        if active in states and states[active] != HEALTHY and status.get("active") not in (None, active):
-            # The rank left the desired member because it is broken there: move the group instead.
-            threading.Thread(target=self._group_failover, args=(rank, status["active"], active), daemon=True).start()
             return
         token = uuid.uuid4().hex
         spec = self.desired.specs.get(active)

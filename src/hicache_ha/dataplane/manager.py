@@ -198,7 +198,7 @@ class BackendManager:
         return Prepared(uuid.uuid4().hex, member, is_new, base)
 
     def commit(self, prepared: Prepared, *, force: bool = False, drain_timeout_s: float = 5.0,
-               epoch: Optional[int] = None) -> int:
+               epoch: Optional[int] = None, reason: str = "switch") -> int:
         """Make the prepared member active at a new epoch and return it.
 
         New engine calls go to the target at once. Without ``force``, the old member's in-flight calls
@@ -207,7 +207,11 @@ class BackendManager:
         with self._control:
             if prepared.is_new:
                 self.members.setdefault(prepared.member.name, prepared.member)
-            return self._move(prepared.member, "switch", force, drain_timeout_s, epoch)
+            moved_from = self.active
+            new_epoch = self._move(prepared.member, reason, force, drain_timeout_s, epoch)
+            if reason.startswith("failover") and moved_from is not prepared.member:
+                self.failovers += 1
+            return new_epoch
 
     def abort(self, prepared: Prepared) -> None:
         """Forget a prepared switch; a member built only for it is closed."""
