@@ -69,6 +69,144 @@ def demo(
         raise typer.Exit(1)
 
 
+# -- the control plane -----------------------------------------------------------------------------
+URL_OPT = typer.Option("http://127.0.0.1:18080", "--url", envvar="HICACHE_HA_URL", help="controller URL")
+KEY_OPT = typer.Option(None, "--api-key", envvar="HICACHE_HA_ADMIN_API_KEY", show_default=False,
+                       help="admin key (default: $HICACHE_HA_ADMIN_API_KEY)")
+JSON_OPT = typer.Option(False, "--json", help="print the raw JSON answer")
+
+
+def _client(url: str, key: Optional[str]):
+    from .control.client import AdminClient
+
+    return AdminClient(url, key)
+
+
+def _call(fn, *args, **kwargs):
+    from .control.client import AdminError
+
+    try:
+        return fn(*args, **kwargs)
+    except AdminError as exc:
+        body = exc.body if isinstance(exc.body, dict) else {"error": str(exc.body)}
+        details = "".join(f"\n  rank {f['rank']}: {f['reason']}" for f in body.get("failed", []))
+        if body.get("rolled_back"):
+            details += f"\n  rolled back on ranks {body['rolled_back']}"
+        if body.get("missing"):
+            details += f"\n  missing ranks {body['missing']}"
+        fail(f"{exc}{details}", 1)
+
+
+def _print_status(body: dict) -> None:
+    from rich.table import Table
+
+    console.print(f"epoch [bold]{body['epoch']}[/]  active [bold]{body['active']}[/]  "
+                  f"ranks {len([r for r in body['ranks'] if r['alive']])}/{body['expected_ranks']}"
+                  + (f"  [red]missing {body['missing_ranks']}[/]" if body["missing_ranks"] else ""))
+    names = [b["name"] for b in body["backends"]]
+    table = Table()
+    for col in ["rank", "alive", "epoch", "active", "in flight", *names]:
+        table.add_column(col)
+    colour = {"healthy": "green", "recovering": "yellow", "circuit_broken": "red", "detached": "dim"}
+    for r in body["ranks"]:
+        states = [f"[{colour.get(r['backends'].get(n), 'white')}]{r['backends'].get(n, '-')}[/]" for n in names]
+        table.add_row(str(r["rank"]), "yes" if r["alive"] else "[red]no[/]", str(r["epoch"]), str(r["active"]),
+                      str(r["in_flight"]), *states)
+    console.print(table)
+
+
+@app.command()
+def status(url: str = URL_OPT, api_key: Optional[str] = KEY_OPT, as_json: bool = JSON_OPT) -> None:
+    """Show the desired state and every rank's epoch, active member and member states."""
+    body = _call(_client(url, api_key).status)
+    console.print_json(json.dumps(body)) if as_json else _print_status(body)
+
+
+@app.command()
+def switch(backend: str = typer.Argument(..., help="member to switch every rank to"),
+           force: bool = typer.Option(False, "--force", help="abandon in-flight calls; switch the ranks present"),
+           drain_timeout: float = typer.Option(5.0, "--drain-timeout", min=0, help="seconds in-flight calls may take"),
+           url: str = URL_OPT, api_key: Optional[str] = KEY_OPT, as_json: bool = JSON_OPT) -> None:
+    """Switch every rank to another member (two-phase, rolled back on failure)."""
+    body = _call(_client(url, api_key).switch, backend, force=force, drain_timeout_s=drain_timeout)
+    console.print_json(json.dumps(body)) if as_json else console.print(
+        f"switched to [bold]{body['active']}[/] at epoch {body['epoch']} on ranks {body['ranks']}")
+
+
+@app.command()
+def attach(spec_file: Path = typer.Option(..., "--spec", help="YAML/JSON file with one backend section"),
+           force: bool = typer.Option(False, "--force"), drain_timeout: float = typer.Option(5.0, "--drain-timeout", min=0),
+           url: str = URL_OPT, api_key: Optional[str] = KEY_OPT, as_json: bool = JSON_OPT) -> None:
+    """Attach a new member from a spec and switch every rank to it."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(spec_file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        fail(f"cannot read spec {str(spec_file)!r}: {exc}")
+    if not isinstance(spec, dict):
+        fail("the spec must be one backend section (a mapping with name and type)")
+    body = _call(_client(url, api_key).switch, spec=spec, force=force, drain_timeout_s=drain_timeout)
+    console.print_json(json.dumps(body)) if as_json else console.print(
+        f"attached [bold]{body['active']}[/] at epoch {body['epoch']}")
+
+
+@app.command()
+def detach(force: bool = typer.Option(False, "--force"), drain_timeout: float = typer.Option(5.0, "--drain-timeout", min=0),
+           url: str = URL_OPT, api_key: Optional[str] = KEY_OPT, as_json: bool = JSON_OPT) -> None:
+    """Detach L3 on every rank: the engine runs without it (reads miss, writes are dropped)."""
+    body = _call(_client(url, api_key).detach, force=force, drain_timeout_s=drain_timeout)
+    console.print_json(json.dumps(body)) if as_json else console.print(f"detached at epoch {body['epoch']}")
+
+
+@app.command()
+def events(limit: int = typer.Option(50, min=1, max=2000), url: str = URL_OPT, api_key: Optional[str] = KEY_OPT,
+           as_json: bool = JSON_OPT) -> None:
+    """Recent transitions: time, rank, member, from, to, reason."""
+    import datetime
+
+    body = _call(_client(url, api_key).events, limit)
+    if as_json:
+        console.print_json(json.dumps(body))
+        return
+    for e in body:
+        when = datetime.datetime.fromtimestamp(e["time"]).strftime("%H:%M:%S.%f")[:-3]
+        console.print(f"{when}  rank {e['rank'] if e['rank'] is not None else '-'}  {e['backend'] or '-'}: "
+                      f"{e['from']} → {e['to']}  ({e['reason']})")
+
+
+@app.command()
+def controller(config: Path = typer.Option(..., "--config", help="the HA config (YAML/JSON)"),
+               admin_api_key: Optional[str] = typer.Option(None, "--admin-api-key", show_default=False,
+                                                           help="admin key (or $HICACHE_HA_ADMIN_API_KEY, admin.api_key_file)"),
+               expected_ranks: Optional[int] = typer.Option(None, "--expected-ranks", min=1,
+                                                            help="ranks in the deployment (default admin.expected_ranks)")) -> None:
+    """Run a standalone controller: the admin API plus the endpoint the ranks' agents connect to."""
+    import signal
+    import threading
+
+    from .control.service import start_controller
+
+    try:
+        cfg = load(config)
+    except ConfigError as exc:
+        fail(str(exc))
+    ranks = expected_ranks or cfg.admin.expected_ranks
+    if ranks is None:
+        fail("give --expected-ranks or admin.expected_ranks: the controller never switches with ranks missing")
+    try:
+        service = start_controller(cfg, expected_ranks=ranks, api_key=admin_api_key)
+    except (OSError, ConfigError) as exc:
+        fail(f"cannot start the controller: {exc}")
+    console.print(f"hicache-ha controller: admin API on {service.url}, agents connect to "
+                  f"tcp://{cfg.admin.host}:{cfg.admin.agent_port}, expecting {ranks} ranks")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    service.close()
+
+
 def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry
     app(argv if argv is not None else sys.argv[1:])
 
