@@ -207,9 +207,9 @@ def test_a_trip_on_one_rank_moves_the_whole_group_together(cluster_factory):
         assert c.controller.desired.active == "standby" and c.controller.desired.epoch == 2
         # The controller moved them all (one epoch), not each rank alone:
         for m in c.managers:
-            assert m.failovers == 1
+            assert m.failovers == 1, [e.to_dict() for e in m.events.recent()]
             assert [e.reason for e in m.events.recent() if e.detail.get("role") == "active"] == [
-                "failover (asked by rank 2)"]
+                "failover (asked by rank 2)"], [e.to_dict() for e in m.events.recent()]
     finally:
         gate.open_gate()
 

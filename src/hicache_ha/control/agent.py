@@ -8,6 +8,7 @@ controller does not move the whole group in time (or is unreachable), the rank f
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -25,17 +26,23 @@ from .transport import Channel
 log = logging.getLogger("hicache_ha.control")
 
 
+_seq = itertools.count(1)
+
+
 def rank_status(manager: BackendManager) -> dict:
-    """What a rank reports in each heartbeat: small, bounded, no keys."""
-    snap = manager.snapshot()
+    """What a rank reports in each heartbeat: small, bounded, no keys. ``seq`` orders snapshots (taken
+    first), so a heartbeat read before a commit never overwrites the status the commit's reply carried."""
+    seq = next(_seq)
+    active = manager.active
+    members = list(manager.members.values())
     return {
-        "epoch": snap["epoch"],
-        "active": snap["active"],
-        "in_flight": sum(b["in_flight"] for b in snap["backends"]),
-        "dropped_writes": snap["dropped_writes"],
-        "failovers": snap["failovers"],
-        "backends": [{k: b[k] for k in ("name", "type", "state", "in_flight", "ops", "abandoned", "corrupt_pages")}
-                     for b in snap["backends"]],
+        "seq": seq,
+        "epoch": manager.epoch,
+        "active": active.name if active else None,
+        "in_flight": sum(m.in_flight for m in members),
+        "dropped_writes": manager.dropped_writes,
+        "failovers": manager.failovers,
+        "backends": [{"name": m.name, "type": m.spec.type, "in_flight": m.in_flight, **m.snapshot()} for m in members],
     }
 
 

@@ -69,12 +69,14 @@ class Controller:
         self._lock = threading.Lock()
         self._switch = threading.Lock()
         self._pending: dict[str, _Pending] = {}
+        self._failing_over = threading.Event()
         desired = store.load()
         self.desired = desired or DesiredState(epoch=1, active=config.backends[0].name)
         self._resume()
         self.channel = Channel(zmq.ROUTER, bind, bind=True, on_message=self._on_message, name="controller")
         self._stop = threading.Event()
-        threading.Thread(target=self._converge_loop, name="hicache-ha-converge", daemon=True).start()
+        self._converger = threading.Thread(target=self._converge_loop, name="hicache-ha-converge", daemon=True)
+        self._converger.start()
 
     # -- persistence ----------------------------------------------------------------------------------
     def _save(self) -> None:
@@ -108,7 +110,7 @@ class Controller:
                     info = self.ranks[rank] = RankInfo(rank, msg.get("identity") or {}, msg.get("status") or {}, now)
                     self._event(rank, None, "absent", "registered", "agent connected")
                 info.identity = msg.get("identity") or info.identity
-                info.status = msg.get("status") or info.status
+                self._update_status(info, msg.get("status"))
                 info.last_seen = now
                 for e in msg.get("events") or []:
                     self.events.append({**e, "rank": rank})
@@ -116,17 +118,22 @@ class Controller:
             elif kind == "reply":
                 if info is not None:
                     info.last_seen = now
-                    if msg.get("status_now"):
-                        info.status = msg["status_now"]
+                    self._update_status(info, msg.get("status_now"))
                 pending = self._pending.get(msg.get("id"))
                 if pending is not None:
                     pending.reply = msg
                     pending.done.set()
         if kind in ("register", "heartbeat") and peer is not None:
             self.channel.send(ack, to=peer)  # tells the agent its controller is alive
-        if kind == "failover_request":
+        if kind == "failover_request" and not self._failing_over.is_set():
+            self._failing_over.set()  # one group failover at a time; ranks repeat their request
             threading.Thread(target=self._group_failover, args=(rank, msg.get("target"), msg.get("from")),
                              daemon=True).start()
+
+    @staticmethod
+    def _update_status(info: RankInfo, status: Optional[dict]) -> None:
+        if status and status.get("seq", 0) >= info.status.get("seq", 0):
+            info.status = status
 
     # -- commands to ranks ------------------------------------------------------------------------------
     def alive(self) -> list[int]:
@@ -164,10 +171,17 @@ class Controller:
         return [b.name for b in self.config.backends] + [n for n in self.desired.specs if n not in
                                                           {b.name for b in self.config.backends}]
 
+    def _begin(self, wait_s: float) -> Optional[Outcome]:
+        """Take the one-switch-at-a-time lock (a convergence step holds it briefly), or say why not."""
+        if self._switch.acquire(timeout=wait_s):
+            return None
+        return Outcome(409, {"error": "another switch is in progress; retry when it is done"})
+
     def switch(self, backend: Optional[str] = None, spec: Optional[dict] = None, *, force: bool = False,
-               drain_timeout_s: float = 5.0, reason: str = "switch") -> Outcome:
-        if not self._switch.acquire(blocking=False):
-            return Outcome(409, {"error": "another switch is in progress; retry when it is done"})
+               drain_timeout_s: float = 5.0, reason: str = "switch", wait_s: float = 5.0) -> Outcome:
+        busy = self._begin(wait_s)
+        if busy:
+            return busy
         try:
             return self._switch_locked(backend, spec, force, drain_timeout_s, reason)
         finally:
@@ -228,9 +242,10 @@ class Controller:
             self.desired.switch_in_flight = None
             self._save()
 
-    def detach(self, *, force: bool = False, drain_timeout_s: float = 5.0) -> Outcome:
-        if not self._switch.acquire(blocking=False):
-            return Outcome(409, {"error": "another switch is in progress; retry when it is done"})
+    def detach(self, *, force: bool = False, drain_timeout_s: float = 5.0, wait_s: float = 5.0) -> Outcome:
+        busy = self._begin(wait_s)
+        if busy:
+            return busy
         try:
             ranks, missing = self.alive(), self.missing()
             if missing and not force:
@@ -255,11 +270,17 @@ class Controller:
 
     # -- failover of the whole group --------------------------------------------------------------------
     def _group_failover(self, rank: int, target: Optional[str], from_: Optional[str]) -> None:
-        if not target or from_ != self.desired.active or target == self.desired.active:
-            return  # stale, or the group already moved
-        result = self.switch(backend=target, force=True, drain_timeout_s=0.0, reason=f"failover (asked by rank {rank})")
-        if result.status != 200 and result.status != 409:
-            log.warning("hicache-ha: group failover to %r failed: %s", target, result.body.get("error"))
+        try:
+            if not target or from_ != self.desired.active or target == self.desired.active:
+                return  # stale, or the group already moved
+            log.info("hicache-ha: rank %d asks to fail the group over from %r to %r", rank, from_, target)
+            result = self.switch(backend=target, force=True, drain_timeout_s=0.0,
+                                 reason=f"failover (asked by rank {rank})", wait_s=0.5)
+            if result.status != 200:
+                log.warning("hicache-ha: group failover to %r failed (%d): %s", target, result.status,
+                            result.body.get("error"))
+        finally:
+            self._failing_over.clear()
 
     # -- convergence ------------------------------------------------------------------------------------
     def _converge_loop(self) -> None:
@@ -338,6 +359,7 @@ class Controller:
 
     def close(self) -> None:
         self._stop.set()
+        self._converger.join(self.command_timeout_s)
         self.channel.close()
 
 

@@ -17,11 +17,12 @@ class Call:
     A bare lock, held until the call finishes, is the cheapest hand-off CPython has (an Event builds a
     Condition and a waiter lock per wait); it matters, as the hop is on every engine call."""
 
-    __slots__ = ("fn", "args", "_done", "finished", "fenced", "result", "error")
+    __slots__ = ("fn", "args", "_done", "finished", "fenced", "result", "error", "on_done")
 
-    def __init__(self, fn: Callable[..., Any], args: tuple) -> None:
+    def __init__(self, fn: Callable[..., Any], args: tuple, on_done: Optional[Callable[[], None]] = None) -> None:
         self.fn = fn
         self.args = args
+        self.on_done = on_done
         self._done = threading.Lock()
         self._done.acquire()
         self.finished = False
@@ -36,6 +37,8 @@ class Call:
             self.error = exc
         self.finished = True
         self._release()
+        if self.on_done is not None:
+            self.on_done()
 
     def fence(self) -> None:
         """Let the waiter go now; whatever the call returns later is never looked at."""
@@ -76,13 +79,15 @@ class Bulkhead:
         """Calls submitted and not finished yet (queued, running, or abandoned but still running)."""
         return self._in_flight
 
-    def try_submit(self, fn: Callable[..., Any], *args: Any) -> Optional[Call]:
-        """Queue a call, or return None at once when the member already has ``limit`` calls in flight."""
+    def try_submit(self, fn: Callable[..., Any], *args: Any,
+                   on_done: Optional[Callable[[], None]] = None) -> Optional[Call]:
+        """Queue a call, or return None at once when the member already has ``limit`` calls in flight.
+        ``on_done`` runs on the worker when the call finishes (the supervisor's wake-up)."""
         with self._idle:
             if self._in_flight >= self.limit or self._closed:
                 return None
             self._in_flight += 1
-            call = Call(fn, args)
+            call = Call(fn, args, on_done)
             self._calls.add(call)
         self._queue.put(call)
         return call

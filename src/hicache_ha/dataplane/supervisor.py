@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hicache_ha.dataplane")
 
+# While the active member is broken and traffic has not moved yet (no target, or a control plane is
+# moving the whole group), look for a target again at this pace.
+FAILOVER_RETRY_S = 0.05
+
 
 @dataclass
 class Check:
@@ -34,15 +38,16 @@ class Check:
 
 class Supervisor:
     def __init__(self, manager: "BackendManager", clock: Callable[[], float] = time.monotonic,
-                 tick_s: float = 0.005) -> None:
+                 max_sleep_s: float = 0.25) -> None:
         self.manager = manager
         self.cfg = manager.config
         self.clock = clock
-        self.tick_s = tick_s
+        self.max_sleep_s = max_sleep_s
         self.pending: dict[tuple[str, str], Check] = {}
         self.next_ping: dict[str, float] = {}
         self.next_probe: dict[str, float] = {}
         self.broken_since: Optional[float] = None  # when the active member last stopped being healthy
+        self.next_failover_try = 0.0  # a failover that did not happen (yet) is retried at this pace
         self.no_target_reported = False
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -64,16 +69,20 @@ class Supervisor:
             self._thread.join(2)
 
     def _loop(self) -> None:
+        # Event-driven: it sleeps until the next thing falls due (a ping, a probe, a backoff's end, a
+        # check's timeout) or until something wakes it (a transition, a finished check).
         while not self._stop.is_set():
+            sleep = self.max_sleep_s
             try:
-                self.step()
+                sleep = self.step()
             except Exception:  # the supervisor must outlive any bug in one step
                 log.exception("hicache-ha: supervisor step failed")
-            self._wake.wait(self.tick_s)
+            self._wake.wait(min(self.max_sleep_s, max(0.001, sleep)))
             self._wake.clear()
 
     # -- one step -----------------------------------------------------------------------------------
-    def step(self) -> None:
+    def step(self) -> float:
+        """Do what is due; return the seconds until something else will be."""
         now = self.clock()
         self._collect(now)
         members = list(self.manager.members.values())
@@ -84,10 +93,28 @@ class Supervisor:
             self._failover(now)
             if self.cfg.failover.failback == "auto":
                 self._failback(now)
+        return self._next_due(members) - self.clock()
+
+    def _next_due(self, members: list["Member"]) -> float:
+        due = [c.started + c.timeout for c in self.pending.values()]
+        for m in members:
+            b = m.breaker
+            if m.state == HEALTHY and (m.name, "ping") not in self.pending:
+                due.append(self.next_ping.get(m.name, 0.0))
+            elif m.state == RECOVERING:
+                due.append(b.recovering_since + b.time_limit)
+                if (m.name, "probe") not in self.pending:
+                    due.append(self.next_probe.get(m.name, 0.0))
+            elif m.state == CIRCUIT_BROKEN and b.retry_at is not None:
+                due.append(b.retry_at)
+        active = self.manager.active
+        if active is not None and active.state != HEALTHY and self.broken_since is not None:
+            due.append(max(self.next_failover_try, self.clock() + 0.001))  # failover pending: look again
+        return min(due, default=self.clock() + self.max_sleep_s)
 
     def _submit(self, member: "Member", kind: str, timeout: float, fn: Callable, *args) -> None:
-        self.pending[(member.name, kind)] = Check(member, kind, member.bulkhead.try_submit(fn, *args),
-                                                  self.clock(), timeout)
+        call = member.bulkhead.try_submit(fn, *args, on_done=self.wake)
+        self.pending[(member.name, kind)] = Check(member, kind, call, self.clock(), timeout)
 
     def _collect(self, now: float) -> None:
         for key, check in list(self.pending.items()):
@@ -113,6 +140,7 @@ class Supervisor:
                 self.manager.events.emit(m.name, m.state, m.state, "reconnected within its cluster", to=result)
                 m.apply(lambda b, t: b.retry_now(t))
         elif check.kind in ("failover", "failback"):
+            self.next_failover_try = self.clock() + FAILOVER_RETRY_S
             if ok:
                 self.manager.failover_to(m, check.kind)
             else:
@@ -147,7 +175,7 @@ class Supervisor:
                 self._submit(active, "reconnect", self.cfg.health.recovery.probe_timeout_ms / 1000,
                              active.backend.reconnect)
             return
-        if any(kind == "failover" for _, kind in self.pending):
+        if any(kind == "failover" for _, kind in self.pending) or now < self.next_failover_try:
             return
         target = next((m for m in self.manager.members.values() if m is not active and m.state == HEALTHY), None)
         if target is None:
