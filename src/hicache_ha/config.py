@@ -56,7 +56,7 @@ class SlowCallConfig(RateDetectorConfig):
 class PingConfig(_Strict):
     interval_ms: int = Field(default=50, ge=5, description="health ping period of the active member")
     standby_interval_ms: int = Field(default=1000, ge=5, description="health ping period of the other members")
-    timeout_ms: int = Field(default=50, ge=1)
+    timeout_ms: int = Field(default=100, ge=1, description="a ping unanswered this long is a failure, unless engine calls succeeded meanwhile")
 
 
 class BackoffConfig(_Strict):

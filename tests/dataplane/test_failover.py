@@ -165,3 +165,19 @@ def test_sentinel_promotion_keeps_the_rank_in_its_cluster_unless_patience_runs_o
                 assert m.failovers == 1
         finally:
             m.close()
+
+
+def test_pings_stuck_behind_big_transfers_do_not_trip_a_busy_member(redis_server):
+    """Redis serves one command at a time: a ping queued behind a 64 MiB MGET waits, yet the member is fine."""
+    d = {"backends": [{"name": "r", "type": "redis", "url": redis_server.url}],
+         "deadlines_ms": {"get": 20000, "set": 20000}, "health": {"ping": {"interval_ms": 5, "timeout_ms": 50}}}
+    m = BackendManager(d, Layout(model="busy"))
+    try:
+        keys = [f"k{i}" for i in range(64)]
+        m.set(keys, [b"x" * (1 << 20)] * 64)
+        for _ in range(8):
+            assert all(p is not None for p in m.get(keys))
+        assert m.active.state == "healthy"
+        assert not events([m], to_state="circuit_broken")
+    finally:
+        m.close()

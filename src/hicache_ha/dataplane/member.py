@@ -94,6 +94,8 @@ class Member:
         self.breaker = breaker_from_config(health, clock())
         self.failure_outcomes = frozenset(Outcome(o) for o in health.failure_outcomes)
         self.slow_fraction = health.slow_calls.fraction_of_deadline if health.slow_calls else 1.0
+        self.last_ok = float("-inf")  # when an engine call last succeeded (clock time)
+        self.engine_waiting = 0  # engine calls admitted and not answered yet
         self.listeners: list[TransitionListener] = []
         self.observers: list[Observer] = []
         self._lock = threading.Lock()
@@ -115,6 +117,7 @@ class Member:
         looked at, so nothing it read can reach engine memory."""
         with self._lock:
             allowed = self.breaker.allow()
+            self.engine_waiting += allowed
         start = self._clock()
         if not allowed:
             return self._finish(op, Outcome.SHORT_CIRCUITED, start, None, None)
@@ -166,7 +169,10 @@ class Member:
         transition = None
         with self._lock:
             self.stats.record(op, outcome, elapsed)
+            if outcome is Outcome.OK:
+                self.last_ok = now
             if deadline_s is not None:  # admitted: its result is news about the backend
+                self.engine_waiting -= 1
                 transition = self.breaker.on_result(now, outcome in self.failure_outcomes,
                                                     elapsed > self.slow_fraction * deadline_s)
         for observer in self.observers:

@@ -25,6 +25,8 @@ log = logging.getLogger("hicache_ha.dataplane")
 # While the active member is broken and traffic has not moved yet (no target, or a control plane is
 # moving the whole group), look for a target again at this pace.
 FAILOVER_RETRY_S = 0.05
+# Health pings that may wait for an answer at once, per member.
+MAX_PINGS_OUT = 4
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Supervisor:
         self.next_probe: dict[str, float] = {}
         self.broken_since: Optional[float] = None  # when the active member last stopped being healthy
         self.next_failover_try = 0.0  # a failover that did not happen (yet) is retried at this pace
+        self.ping_seq = 0
         self.no_target_reported = False
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -99,7 +102,7 @@ class Supervisor:
         due = [c.started + c.timeout for c in self.pending.values()]
         for m in members:
             b = m.breaker
-            if m.state == HEALTHY and (m.name, "ping") not in self.pending:
+            if m.state == HEALTHY and self._pings_out(m) < MAX_PINGS_OUT:
                 due.append(self.next_ping.get(m.name, 0.0))
             elif m.state == RECOVERING:
                 due.append(b.recovering_since + b.time_limit)
@@ -112,9 +115,13 @@ class Supervisor:
             due.append(max(self.next_failover_try, self.clock() + 0.001))  # failover pending: look again
         return min(due, default=self.clock() + self.max_sleep_s)
 
-    def _submit(self, member: "Member", kind: str, timeout: float, fn: Callable, *args) -> None:
+    def _submit(self, member: "Member", kind: str, timeout: float, fn: Callable, *args, key: object = None) -> None:
         call = member.bulkhead.try_submit(fn, *args, on_done=self.wake)
-        self.pending[(member.name, kind)] = Check(member, kind, call, self.clock(), timeout)
+        self.pending[(member.name, kind) if key is None else (member.name, kind, key)] = Check(
+            member, kind, call, self.clock(), timeout)
+
+    def _pings_out(self, member: "Member") -> int:
+        return sum(1 for c in self.pending.values() if c.member is member and c.kind == "ping")
 
     def _collect(self, now: float) -> None:
         for key, check in list(self.pending.items()):
@@ -132,6 +139,12 @@ class Supervisor:
     def _handle(self, check: Check, ok: bool, result, detail: str) -> None:
         m = check.member
         if check.kind == "ping":
+            if not ok and (m.last_ok > check.started or m.engine_waiting):
+                # Busy, not broken, or not for the ping to say: engine calls succeeded while it waited
+                # its turn (a big transfer ahead of it on a single-threaded server blocks a PING for
+                # 100+ ms), or engine calls are in flight and bring their own verdict by their
+                # deadlines. Pings judge a member the engine is not using.
+                return
             m.feed("ping", ok, detail)
         elif check.kind == "probe":
             m.feed("probe", ok, detail)
@@ -150,11 +163,14 @@ class Supervisor:
         health = self.cfg.health
         active = self.manager.active
         for m in members:
-            if m.state == HEALTHY and (m.name, "ping") not in self.pending:
+            # Pings overlap (a new one every interval even while older ones wait), so a frozen backend
+            # yields a failure every interval after the first timeout, not one per timeout.
+            if m.state == HEALTHY and self._pings_out(m) < MAX_PINGS_OUT:
                 if now >= self.next_ping.get(m.name, 0.0):
                     period = health.ping.interval_ms if m is active else health.ping.standby_interval_ms
                     self.next_ping[m.name] = now + period / 1000
-                    self._submit(m, "ping", health.ping.timeout_ms / 1000, m.backend.ping)
+                    self.ping_seq += 1
+                    self._submit(m, "ping", health.ping.timeout_ms / 1000, m.backend.ping, key=self.ping_seq)
             elif m.state == RECOVERING and (m.name, "probe") not in self.pending:
                 if now >= self.next_probe.get(m.name, 0.0):
                     self.next_probe[m.name] = now + health.recovery.probe_interval_ms / 1000
@@ -175,7 +191,7 @@ class Supervisor:
                 self._submit(active, "reconnect", self.cfg.health.recovery.probe_timeout_ms / 1000,
                              active.backend.reconnect)
             return
-        if any(kind == "failover" for _, kind in self.pending) or now < self.next_failover_try:
+        if any(c.kind == "failover" for c in self.pending.values()) or now < self.next_failover_try:
             return
         target = next((m for m in self.manager.members.values() if m is not active and m.state == HEALTHY), None)
         if target is None:

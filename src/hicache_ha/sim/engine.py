@@ -10,12 +10,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from queue import Full, Queue
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
 
 from .workload import Workload, page_bytes
 
 STORAGE_BATCH_SIZE = 128
+BACKUP_QUEUE = 4  # write-backs waiting per rank; beyond, a write-back is skipped (and counted)
 
 
 class RankStorage(Protocol):
@@ -64,6 +66,7 @@ class SimStats:
     pages_written: int = 0
     verify_failures: int = 0
     errors_surfaced: int = 0
+    backups_skipped: int = 0
     requests: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -110,12 +113,17 @@ class Plan:
 
 
 class Rank(threading.Thread):
+    """One rank's prefetch thread; its backup thread writes pages back concurrently, as in SGLang's
+    cache controller (write-back never holds up the next request's prefetch)."""
+
     def __init__(self, rank: int, storage: RankStorage, workload: Workload, reducer: MinReducer,
                  stats: SimStats, page_size: int, stop: threading.Event, requests: Plan) -> None:
         super().__init__(name=f"sim-rank-{rank}", daemon=True)
         self.rank, self.storage, self.reducer, self.stats = rank, storage, reducer, stats
         self.page_size, self.stop, self.requests = page_size, stop, requests
         self.error: Optional[BaseException] = None
+        self.backups: Queue = Queue(maxsize=BACKUP_QUEUE)
+        self.backup_thread = threading.Thread(target=self._backup_loop, name=f"sim-backup-{rank}", daemon=True)
 
     def _timed(self, op: str, fn: Callable, *args):
         t0 = time.perf_counter()
@@ -129,6 +137,7 @@ class Rank(threading.Thread):
         return result
 
     def run(self) -> None:
+        self.backup_thread.start()
         try:
             for request in self.requests:
                 if self.stop.is_set():
@@ -142,6 +151,21 @@ class Rank(threading.Thread):
         except BaseException as exc:  # noqa: BLE001 - reported by the runner
             self.error = exc
             self.reducer.abort()
+        finally:
+            self.backups.put(None)
+
+    def _backup_loop(self) -> None:
+        while True:
+            keys = self.backups.get()
+            if keys is None:
+                return
+            for start in range(0, len(keys), STORAGE_BATCH_SIZE):
+                batch = keys[start:start + STORAGE_BATCH_SIZE]
+                values = [page_bytes(self.rank, k, self.page_size) for k in batch]
+                ok = self._timed("set", self.storage.set, batch, values)
+                if ok and all(ok):
+                    with self.stats.lock:
+                        self.stats.pages_written += len(batch)
 
     def serve(self, keys: list[str]) -> None:
         # Prefetch: query hits batch by batch, stop at the first partial batch (as SGLang does).
@@ -173,14 +197,13 @@ class Rank(threading.Thread):
         with self.stats.lock:
             self.stats.pages_requested += len(keys)
             self.stats.pages_hit += loaded
-        # Backup: write what storage did not have.
-        for start in range(loaded, len(keys), STORAGE_BATCH_SIZE):
-            batch = keys[start:start + STORAGE_BATCH_SIZE]
-            values = [page_bytes(self.rank, k, self.page_size) for k in batch]
-            ok = self._timed("set", self.storage.set, batch, values)
-            if ok and all(ok):
+        # Backup: the backup thread writes what storage did not have (dropped when it is behind).
+        if loaded < len(keys):
+            try:
+                self.backups.put_nowait(keys[loaded:])
+            except Full:
                 with self.stats.lock:
-                    self.stats.pages_written += len(batch)
+                    self.stats.backups_skipped += 1
 
 
 class Simulation:
@@ -214,6 +237,7 @@ class Simulation:
         self.reducer.abort()
         for r in self.ranks:
             r.join(timeout)
+            r.backup_thread.join(timeout)
         for r in self.ranks:
             if r.error is not None:
                 raise RuntimeError(f"sim rank {r.rank} failed: {r.error!r}") from r.error
