@@ -9,7 +9,7 @@ SGLANG := $(VENV)/.installed-sglang
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: demo test bench redis-server install install-sglang clean
+.PHONY: demo test bench redis-server test-tools install install-sglang clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -30,19 +30,31 @@ $(SGLANG): $(BASE)
 install: $(BASE)
 install-sglang: $(SGLANG)
 
+# Debian packages, installed only when their command is missing: name of command=package.
+define need_debs
+	@missing=""; for pair in $(1); do cmd=$${pair%%=*}; pkg=$${pair#*=}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then echo "installing with apt-get:$$missing"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; fi
+endef
+
 redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  echo "redis-server missing: installing it with apt-get"; \
-	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+	$(call need_debs,redis-server=redis-server)
+
+# What the tests use besides redis: promtool (alert rule tests) and headless Chromium (status page).
+test-tools:
+	$(call need_debs,redis-server=redis-server promtool=prometheus chromium=chromium)
 
 demo: $(BASE) redis-server
 	$(VENV)/bin/hicache-ha demo
 
-test: $(SGLANG) redis-server
+test: $(SGLANG) test-tools
 	$(PY) -m pytest -q
 
 bench: $(SGLANG) redis-server
 	$(PY) bench/overhead.py
+	$(PY) bench/failover.py
+	$(PY) bench/switch.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -23,13 +23,24 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
-def _setup(log_level: str = typer.Option("WARNING", help="log level: DEBUG, INFO, WARNING, ERROR")) -> None:
+def _setup(log_level: str = typer.Option("WARNING", help="log level: DEBUG, INFO, WARNING, ERROR"),
+           log_format: str = typer.Option("text", envvar="HICACHE_HA_LOG_FORMAT",
+                                          help="text (for people) or json (one object per line)")) -> None:
     from rich.logging import RichHandler
+
+    from .observe.logs import JsonFormatter
 
     level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):
         fail(f"--log-level {log_level!r}: use DEBUG, INFO, WARNING or ERROR")
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
+    if log_format not in ("text", "json"):
+        fail(f"--log-format {log_format!r}: use text or json")
+    if log_format == "json":
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler = RichHandler(console=err, show_path=False)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
 
 
 def fail(message: str, code: int = 2) -> None:

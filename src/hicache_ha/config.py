@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .backends import registry
 from .backends.base import BackendConfig
 from .backends.errors import ConfigError
+from .observe.webhooks import WebhookConfig
 
 ENV_PREFIX = "HICACHE_HA__"
 
@@ -116,6 +117,13 @@ class AdminConfig(_Strict):
     group_failover_timeout_ms: int = Field(default=1000, ge=0, description="a rank fails over alone if the controller has not moved the group by then")
 
 
+class ObserveConfig(_Strict):
+    webhooks: list[WebhookConfig] = Field(default_factory=list, description="where transitions and switches are POSTed")
+    webhook_queue: int = Field(default=1000, ge=1, le=100_000, description="events waiting for delivery; beyond, dropped and counted")
+    metrics_port: Optional[int] = Field(default=None, ge=0, le=65535,
+                                        description="serve this process's /metrics here (deployments without a controller)")
+
+
 class HAConfig(_Strict):
     backends: list[BackendConfig] = Field(min_length=1, description="members in priority order: primary first")
     deadlines_ms: Deadlines = Field(default_factory=Deadlines)
@@ -124,6 +132,7 @@ class HAConfig(_Strict):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     failover: FailoverConfig = Field(default_factory=FailoverConfig)
+    observe: ObserveConfig = Field(default_factory=ObserveConfig)
 
     @field_validator("backends", mode="before")
     @classmethod

@@ -8,7 +8,6 @@ controller does not move the whole group in time (or is unreachable), the rank f
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -24,26 +23,6 @@ from ..dataplane.member import Member
 from .transport import Channel
 
 log = logging.getLogger("hicache_ha.control")
-
-
-_seq = itertools.count(1)
-
-
-def rank_status(manager: BackendManager) -> dict:
-    """What a rank reports in each heartbeat: small, bounded, no keys. ``seq`` orders snapshots (taken
-    first), so a heartbeat read before a commit never overwrites the status the commit's reply carried."""
-    seq = next(_seq)
-    active = manager.active
-    members = list(manager.members.values())
-    return {
-        "seq": seq,
-        "epoch": manager.epoch,
-        "active": active.name if active else None,
-        "in_flight": sum(m.in_flight for m in members),
-        "dropped_writes": manager.dropped_writes,
-        "failovers": manager.failovers,
-        "backends": [{"name": m.name, "type": m.spec.type, "in_flight": m.in_flight, **m.snapshot()} for m in members],
-    }
 
 
 class Agent:
@@ -78,7 +57,7 @@ class Agent:
         while self._events:
             events.append(self._events.popleft())
         return {"type": kind, "rank": self.rank, "identity": self.manager.layout.describe(),
-                "status": rank_status(self.manager), "events": events}
+                "status": self.manager.status(), "events": events}
 
     def _heartbeats(self) -> None:
         self.channel.send(self._hello("register"))
@@ -105,7 +84,7 @@ class Agent:
             except Exception as exc:  # report, never kill the agent
                 log.exception("hicache-ha: rank %d: command %s failed", self.rank, msg.get("op"))
                 reply.update(ok=False, status=500, error=f"{type(exc).__name__}: {exc}")
-            reply["status_now"] = rank_status(self.manager)
+            reply["status_now"] = self.manager.status()
             self.channel.send(reply)
 
     def _run(self, op: str, args: dict) -> Optional[dict]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import __version__
+from ..observe.metrics import ControllerMetrics, RankMetrics, registry_for, render
 from .auth import NO_KEY, check_bearer
 from .controller import Controller
 
@@ -55,6 +58,20 @@ def create_app(controller: Controller, api_key: Optional[str]) -> FastAPI:
         return await call_next(request)
 
     secured = [Depends(bearer)]  # documents the scheme in OpenAPI; the middleware enforces it
+
+    metrics_registry = registry_for(RankMetrics(controller.rank_statuses), ControllerMetrics(controller))
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        """Prometheus metrics of every rank (from their heartbeats) and of the controller."""
+        return PlainTextResponse(render(metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+    page = (Path(__file__).with_name("status_page.html")).read_text(encoding="utf-8")
+
+    @app.get("/status", tags=["status"], response_class=HTMLResponse, include_in_schema=False)
+    def status_page() -> HTMLResponse:
+        """The live status page. The shell is static; it reads the admin API with the admin key."""
+        return HTMLResponse(page, headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:

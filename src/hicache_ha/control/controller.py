@@ -70,6 +70,8 @@ class Controller:
         self._switch = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._failing_over = threading.Event()
+        self.switch_results: dict[tuple[str, str], int] = {}
+        self.listeners: list[Callable[[dict], None]] = []  # every event (rank transitions, switches)
         desired = store.load()
         self.desired = desired or DesiredState(epoch=1, active=config.backends[0].name)
         self._resume()
@@ -93,8 +95,16 @@ class Controller:
 
     def _event(self, rank: Optional[int], backend: Optional[str], from_state: str, to_state: str, reason: str,
                at: Optional[float] = None) -> None:
-        self.events.append({"time": at or time.time(), "rank": rank, "backend": backend, "from": from_state,
-                            "to": to_state, "reason": reason})
+        self._publish({"time": at or time.time(), "rank": rank, "backend": backend, "from": from_state,
+                       "to": to_state, "reason": reason})
+
+    def _publish(self, event: dict) -> None:
+        self.events.append(event)
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not break the controller
+                log.exception("hicache-ha: event listener failed")
 
     # -- messages from ranks ----------------------------------------------------------------------------
     def _on_message(self, peer: Optional[bytes], msg: dict) -> None:
@@ -113,7 +123,7 @@ class Controller:
                 self._update_status(info, msg.get("status"))
                 info.last_seen = now
                 for e in msg.get("events") or []:
-                    self.events.append({**e, "rank": rank})
+                    self._publish({**e, "rank": rank})
                 ack = {"type": "ack", "epoch": self.desired.epoch, "active": self.desired.active}
             elif kind == "reply":
                 if info is not None:
@@ -177,13 +187,22 @@ class Controller:
             return None
         return Outcome(409, {"error": "another switch is in progress; retry when it is done"})
 
+    def _count(self, kind: str, outcome: Outcome) -> Outcome:
+        result = {200: "ok", 404: "unknown", 409: "conflict", 422: "invalid"}.get(outcome.status, "failed")
+        if outcome.body.get("rolled_back") is not None:
+            result = "rolled_back"
+        key = (kind, result)
+        self.switch_results[key] = self.switch_results.get(key, 0) + 1
+        return outcome
+
     def switch(self, backend: Optional[str] = None, spec: Optional[dict] = None, *, force: bool = False,
                drain_timeout_s: float = 5.0, reason: str = "switch", wait_s: float = 5.0) -> Outcome:
+        kind = "failover" if reason.startswith("failover") else "switch"
         busy = self._begin(wait_s)
         if busy:
-            return busy
+            return self._count(kind, busy)
         try:
-            return self._switch_locked(backend, spec, force, drain_timeout_s, reason)
+            return self._count(kind, self._switch_locked(backend, spec, force, drain_timeout_s, reason))
         finally:
             self._switch.release()
 
@@ -245,28 +264,31 @@ class Controller:
     def detach(self, *, force: bool = False, drain_timeout_s: float = 5.0, wait_s: float = 5.0) -> Outcome:
         busy = self._begin(wait_s)
         if busy:
-            return busy
+            return self._count("detach", busy)
         try:
-            ranks, missing = self.alive(), self.missing()
-            if missing and not force:
-                return Outcome(503, {"error": "ranks missing; nothing changed", "missing": missing})
-            base_epoch, base_active = self.desired.epoch, self.desired.active
-            epoch = base_epoch + 1
-            replies = self.call(ranks, "detach", {"epoch": epoch, "force": force, "drain_timeout_s": drain_timeout_s},
-                                self.command_timeout_s + drain_timeout_s)
-            failed = _failures(replies)
-            if failed:
-                committed = [r for r in ranks if r not in failed]
-                self.call(committed, "restore", {"epoch": base_epoch, "active": base_active}, self.command_timeout_s)
-                status = 409 if all((f or {}).get("status") == 409 for f in failed.values()) else 503
-                return Outcome(status, {"error": "detach failed; the ranks that had detached were rolled back",
-                                        "failed": _describe(failed), "rolled_back": committed})
-            self.desired.epoch, self.desired.active = epoch, None
-            self._save()
-            self._event(None, base_active, base_active or "none", "none", "detached by admin")
-            return Outcome(200, {"epoch": epoch, "active": None, "ranks": ranks})
+            return self._count("detach", self._detach_locked(force, drain_timeout_s))
         finally:
             self._switch.release()
+
+    def _detach_locked(self, force: bool, drain_timeout_s: float) -> Outcome:
+        ranks, missing = self.alive(), self.missing()
+        if missing and not force:
+            return Outcome(503, {"error": "ranks missing; nothing changed", "missing": missing})
+        base_epoch, base_active = self.desired.epoch, self.desired.active
+        epoch = base_epoch + 1
+        replies = self.call(ranks, "detach", {"epoch": epoch, "force": force, "drain_timeout_s": drain_timeout_s},
+                            self.command_timeout_s + drain_timeout_s)
+        failed = _failures(replies)
+        if failed:
+            committed = [r for r in ranks if r not in failed]
+            self.call(committed, "restore", {"epoch": base_epoch, "active": base_active}, self.command_timeout_s)
+            status = 409 if all((f or {}).get("status") == 409 for f in failed.values()) else 503
+            return Outcome(status, {"error": "detach failed; the ranks that had detached were rolled back",
+                                    "failed": _describe(failed), "rolled_back": committed})
+        self.desired.epoch, self.desired.active = epoch, None
+        self._save()
+        self._event(None, base_active, base_active or "none", "none", "detached by admin")
+        return Outcome(200, {"epoch": epoch, "active": None, "ranks": ranks})
 
     # -- failover of the whole group --------------------------------------------------------------------
     def _group_failover(self, rank: int, target: Optional[str], from_: Optional[str]) -> None:
@@ -352,6 +374,11 @@ class Controller:
         return {"epoch": self.desired.epoch, "active": self.desired.active,
                 "switch_in_progress": self._switch.locked(), "expected_ranks": self.expected_ranks,
                 "missing_ranks": self.missing(), "backends": backends, "ranks": ranks}
+
+    def rank_statuses(self) -> list[tuple[int, dict]]:
+        """(rank, last status) for every rank that ever registered, for the metrics collector."""
+        with self._lock:
+            return [(r, i.status) for r, i in sorted(self.ranks.items())]
 
     def recent_events(self, limit: int = 100) -> list[dict]:
         with self._lock:

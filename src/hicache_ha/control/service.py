@@ -15,6 +15,8 @@ import uvicorn
 
 from ..config import HAConfig
 from ..dataplane import BackendManager
+from ..observe.metrics import serve_process_metrics
+from ..observe.webhooks import WebhookSink
 from .agent import Agent
 from .api import create_app
 from .auth import load_api_key
@@ -42,6 +44,7 @@ class ControllerService:
     server: uvicorn.Server
     thread: threading.Thread
     port: int
+    webhooks: Optional[WebhookSink] = None
 
     @property
     def url(self) -> str:
@@ -51,6 +54,8 @@ class ControllerService:
         self.server.should_exit = True
         self.thread.join(5)
         self.controller.close()
+        if self.webhooks is not None:
+            self.webhooks.close()
 
 
 def start_controller(config: HAConfig, *, expected_ranks: int, api_key: Optional[str] = None,
@@ -77,28 +82,49 @@ def start_controller(config: HAConfig, *, expected_ranks: int, api_key: Optional
             controller.close()
             raise OSError(f"the admin HTTP server did not start on {admin.host}:{port}")
         time.sleep(0.01)
-    return ControllerService(controller, server, thread, sock.getsockname()[1])
+    sink = None
+    if config.observe.webhooks:
+        sink = WebhookSink(config.observe.webhooks, config.observe.webhook_queue)
+        controller.listeners.append(sink)
+    return ControllerService(controller, server, thread, sock.getsockname()[1], sink)
 
 
 @dataclass
 class ControlPlane:
-    """What a rank runs: its agent, and on the leader (embedded mode) the controller too."""
+    """What a rank runs: its agent, on the leader (embedded mode) the controller too; without a control
+    plane, its own webhooks and /metrics when configured."""
 
-    agent: Optional[Agent]
-    service: Optional[ControllerService]
+    agent: Optional[Agent] = None
+    service: Optional[ControllerService] = None
+    webhooks: Optional[WebhookSink] = None
+    metrics_server: Optional[object] = None
 
     def close(self) -> None:
         if self.agent is not None:
             self.agent.close()
         if self.service is not None:
             self.service.close()
+        if self.webhooks is not None:
+            self.webhooks.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
 
 
-def attach_control_plane(manager: BackendManager, config: HAConfig) -> Optional[ControlPlane]:
+def attach_control_plane(manager: BackendManager, config: HAConfig) -> ControlPlane:
     """Per DESIGN: the leader rank serves the controller (embedded mode); every rank runs an agent."""
-    admin = config.admin
+    admin, observe = config.admin, config.observe
+    plane = ControlPlane()
+    if observe.metrics_port is not None:
+        try:
+            plane.metrics_server, _ = serve_process_metrics(observe.metrics_port,
+                                                            lambda: [(manager.layout.rank, manager.status())])
+        except OSError as exc:
+            log.error("hicache-ha: cannot serve /metrics on port %d: %s", observe.metrics_port, exc)
     if admin.mode == "off":
-        return None
+        if observe.webhooks:  # no controller to send them: each process sends its own
+            plane.webhooks = WebhookSink(observe.webhooks, observe.webhook_queue)
+            manager.events.subscribe(plane.webhooks)
+        return plane
     service = None
     layout = manager.layout
     if admin.mode == "embedded" and layout.is_leader:
@@ -109,8 +135,9 @@ def attach_control_plane(manager: BackendManager, config: HAConfig) -> Optional[
         except OSError as exc:
             log.error("hicache-ha: cannot start the embedded controller on %s:%d/%d (%s); ranks fail over "
                       "alone until one is reachable", admin.host, admin.port, admin.agent_port, exc)
-    agent = Agent(manager, f"tcp://{connect_host(admin.host)}:{admin.agent_port}",
-                  heartbeat_s=admin.heartbeat_ms / 1000,
-                  group_failover_timeout_s=admin.group_failover_timeout_ms / 1000,
-                  controller_timeout_s=admin.rank_timeout_ms / 1000)
-    return ControlPlane(agent, service)
+    plane.service = service
+    plane.agent = Agent(manager, f"tcp://{connect_host(admin.host)}:{admin.agent_port}",
+                        heartbeat_s=admin.heartbeat_ms / 1000,
+                        group_failover_timeout_s=admin.group_failover_timeout_ms / 1000,
+                        controller_timeout_s=admin.rank_timeout_ms / 1000)
+    return plane

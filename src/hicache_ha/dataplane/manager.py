@@ -8,6 +8,7 @@ abort) that a control plane drives across ranks; a rank also works with no contr
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -27,6 +28,7 @@ from .member import Member
 from .supervisor import Supervisor
 
 log = logging.getLogger("hicache_ha.dataplane")
+_STATUS_SEQ = itertools.count(1)
 
 
 class SwitchError(Exception):
@@ -78,6 +80,7 @@ class BackendManager:
         self.dropped_writes = 0
         self.unserved_reads = 0
         self.failovers = 0
+        self.failovers_by_reason: dict[str, int] = {}
         # Who carries out a failover the supervisor decided on. A control plane replaces it so that all
         # ranks move together; it must not block (the supervisor calls it).
         self.failover_handler: Callable[[Member, str], None] = self.local_failover
@@ -210,7 +213,7 @@ class BackendManager:
             moved_from = self.active
             new_epoch = self._move(prepared.member, reason, force, drain_timeout_s, epoch)
             if reason.startswith("failover") and moved_from is not prepared.member:
-                self.failovers += 1
+                self._count_failover("group")
             return new_epoch
 
     def abort(self, prepared: Prepared) -> None:
@@ -224,6 +227,12 @@ class BackendManager:
         with self._control:
             return self._move(None, "detach", force, drain_timeout_s, epoch)
 
+    def _count_failover(self, reason: str) -> None:
+        """``failover`` (this rank alone), ``group`` (moved with the group by the controller), ``failback``."""
+        if reason != "failback":
+            self.failovers += 1
+        self.failovers_by_reason[reason] = self.failovers_by_reason.get(reason, 0) + 1
+
     def failover_to(self, target: Member, reason: str) -> None:
         """The supervisor found ``target`` healthy and probed: hand the move to the failover handler."""
         self.failover_handler(target, reason)
@@ -233,7 +242,7 @@ class BackendManager:
             old = self.active
             if old is target or (reason == "failover" and (old is None or old.state == HEALTHY)):
                 return  # nothing to do any more: the admin detached, or the active member came back
-            self.failovers += 1
+            self._count_failover(reason)
             self._move(target, reason, force=True, drain_timeout_s=0.0)
 
     def detach_member(self, name: str) -> None:
@@ -292,20 +301,35 @@ class BackendManager:
                          reason, epoch=self.epoch, role="active")
 
     # -- status -------------------------------------------------------------------------------------
-    def snapshot(self) -> dict:
+    def status(self) -> dict:
+        """The compact status a rank reports (heartbeats, metrics): bounded, no keys. ``seq`` orders
+        statuses and is taken first, so a status read before a commit never passes for a later one."""
+        seq = next(_STATUS_SEQ)
         active = self.active
+        members = list(self.members.values())
         return {
+            "seq": seq,
             "epoch": self.epoch,
             "active": active.name if active else None,
+            "in_flight": sum(m.in_flight for m in members),
+            "dropped_writes": self.dropped_writes,
+            "failovers": self.failovers,
+            "failovers_by_reason": dict(self.failovers_by_reason),
+            "backends": [{"name": m.name, "type": m.spec.type, "in_flight": m.in_flight, **m.snapshot()}
+                         for m in members],
+        }
+
+    def snapshot(self) -> dict:
+        """Everything about this rank, for ``HAStorage.get_stats()`` and people."""
+        status = self.status()
+        described = {m.name: m.backend.describe() for m in self.members.values()}
+        return {
+            **status,
             "rank": self.layout.rank,
             "layout": {"fingerprint": self.layout.fingerprint(), **self.layout.identity()},
-            "dropped_writes": self.dropped_writes,
             "unserved_reads": self.unserved_reads,
-            "failovers": self.failovers,
-            "backends": [
-                {**m.backend.describe(), "active": m is active, "in_flight": m.in_flight, **m.snapshot()}
-                for m in self.members.values()
-            ],
+            "backends": [{**described[b["name"]], **b, "active": b["name"] == status["active"]}
+                         for b in status["backends"]],
             "events": [e.to_dict() for e in self.events.recent(20)],
         }
 

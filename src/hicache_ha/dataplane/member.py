@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from bisect import bisect_left
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -23,25 +24,37 @@ log = logging.getLogger("hicache_ha.dataplane")
 Observer = Callable[["Member", str, Outcome, float], None]
 
 
+# Latency histogram bounds (seconds): 100 µs to 10 s, as Prometheus buckets.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0)
+
+
 class OpStats:
-    """Counters per (op, outcome) plus latency sums. Not locked: its Member serialises access."""
+    """Counters per (op, outcome), a latency histogram per op, transitions per target state.
+    Not locked: its Member serialises access. Recording is a dict update and a bisect."""
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, Outcome], int] = {}
-        self.latency_sum: dict[str, float] = {}
+        self.latency: dict[str, list] = {}  # op -> [count per bucket..., +Inf count, sum]
+        self.transitions: dict[str, int] = {}
         self.abandoned = 0
         self.corrupt_pages = 0
 
     def record(self, op: str, outcome: Outcome, seconds: float) -> None:
         key = (op, outcome)
         self.counts[key] = self.counts.get(key, 0) + 1
-        self.latency_sum[op] = self.latency_sum.get(op, 0.0) + seconds
+        hist = self.latency.get(op)
+        if hist is None:
+            hist = self.latency[op] = [0] * (len(LATENCY_BUCKETS) + 1) + [0.0]
+        hist[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        hist[-1] += seconds
 
     def snapshot(self) -> dict:
         ops: dict[str, dict[str, int]] = {}
         for (op, outcome), n in self.counts.items():
             ops.setdefault(op, {})[outcome.value] = n
-        return {"ops": ops, "abandoned": self.abandoned, "corrupt_pages": self.corrupt_pages}
+        return {"ops": ops, "abandoned": self.abandoned, "corrupt_pages": self.corrupt_pages,
+                "latency": {op: list(h) for op, h in self.latency.items()}, "transitions": dict(self.transitions)}
 
 
 class _RateLimitedLog:
@@ -95,6 +108,7 @@ class Member:
         self.failure_outcomes = frozenset(Outcome(o) for o in health.failure_outcomes)
         self.slow_fraction = health.slow_calls.fraction_of_deadline if health.slow_calls else 1.0
         self.last_ok = float("-inf")  # when an engine call last succeeded (clock time)
+        self.last_probe_ok: Optional[float] = None  # when a ping or probe last succeeded
         self.engine_waiting = 0  # engine calls admitted and not answered yet
         self.listeners: list[TransitionListener] = []
         self.observers: list[Observer] = []
@@ -142,7 +156,8 @@ class Member:
 
     def snapshot(self) -> dict:
         with self._lock:
-            return {"state": self.breaker.state, **self.stats.snapshot()}
+            age = None if self.last_probe_ok is None else round(self._clock() - self.last_probe_ok, 3)
+            return {"state": self.breaker.state, "probe_ok_age_s": age, **self.stats.snapshot()}
 
     def _run(self, op: str, deadline_s: float, fn: Callable[..., Any], args: tuple) -> tuple[Outcome, Any]:
         call = self.bulkhead.try_submit(fn, *args)
@@ -186,6 +201,8 @@ class Member:
         """Hand the breaker the result of a health ping (``ping``) or a recovery probe (``probe``)."""
         now = self._clock()
         with self._lock:
+            if ok:
+                self.last_probe_ok = now
             if what == "ping":
                 transition = self.breaker.on_result(now, not ok)
             else:
@@ -202,6 +219,9 @@ class Member:
         return transition
 
     def _emit(self, transition: Transition) -> None:
+        with self._lock:
+            t = self.stats.transitions
+            t[transition.to_state] = t.get(transition.to_state, 0) + 1
         if transition.to_state in (CIRCUIT_BROKEN, DETACHED):
             self.bulkhead.fence_all()  # nobody waits out a deadline on a member known to be bad
         for listener in self.listeners:

@@ -25,6 +25,7 @@ from ..backends.base import BackendContext
 from ..backends.errors import ConfigError
 from ..config import HAConfig, load, parse
 from ..control.service import attach_control_plane
+from ..observe.logs import use_json_if_asked
 from ..dataplane import BackendManager, Layout
 
 log = logging.getLogger("hicache_ha.sglang")
@@ -89,6 +90,7 @@ class HAStorage(HiCacheStorage):
     """One rank's HiCache L3 storage with deadlines, integrity, failover and switchover."""
 
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None) -> None:
+        use_json_if_asked()
         self.storage_config = storage_config
         self.mem_pool_host = None
         self.config = resolve_config(storage_config.extra_config)
@@ -188,6 +190,5 @@ class HAStorage(HiCacheStorage):
 
     @_never_raises(lambda *a, **k: None)
     def close(self) -> None:
-        if self.control is not None:
-            self.control.close()
+        self.control.close()
         self.manager.close()

@@ -1,0 +1,109 @@
+"""Metrics as Prometheus scrapes them: names, labels, bounded series, and what a failover shows."""
+
+import re
+from pathlib import Path
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from hicache_ha import BackendManager, Layout
+from hicache_ha.observe.metrics import RankMetrics, registry_for, render
+from tests.control.conftest import AUTH, wait_for
+from tests.helpers import GATE
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def scrape(text: str) -> dict:
+    """name -> list of (labels, value) samples."""
+    out: dict = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def one_process(m: BackendManager) -> dict:
+    return scrape(render(registry_for(RankMetrics(lambda: [(m.layout.rank, m.status())]))).decode())
+
+
+def test_a_rank_exports_states_outcomes_latencies_and_epoch():
+    m = BackendManager({"backends": [{"name": "a", "type": "memory"}, {"name": "b", "type": "memory"}]},
+                       Layout(model="m"), supervise=False)
+    m.set(["k"], [b"v"])
+    m.get(["k", "missing"])
+    got = one_process(m)
+    assert ({"rank": "0", "backend": "a", "state": "healthy"}, 1.0) in got["hicache_ha_backend_state"]
+    assert ({"rank": "0", "backend": "a", "state": "circuit_broken"}, 0.0) in got["hicache_ha_backend_state"]
+    assert ({"rank": "0", "backend": "a", "op": "set", "outcome": "ok"}, 1.0) in got["hicache_ha_ops_total"]
+    buckets = [s for s in got["hicache_ha_op_duration_seconds_bucket"] if s[0]["op"] == "get"]
+    assert [b[0]["le"] for b in buckets][:2] == ["0.0001", "0.00025"] and buckets[-1][0]["le"] == "+Inf"
+    assert buckets[-1][1] == 1.0
+    assert got["hicache_ha_active_epoch"] == [({"rank": "0"}, 1.0)]
+    assert ({"rank": "0", "backend": "a"}, 1.0) in got["hicache_ha_backend_active"]
+    m.close()
+
+
+def test_series_stay_bounded_while_keys_vary():
+    m = BackendManager({"backends": [{"name": "a", "type": "memory"}]}, Layout(model="m"), supervise=False)
+    m.set([f"k{i}" for i in range(10)], [b"v"] * 10)
+    before = sum(len(v) for v in one_process(m).values())
+    for i in range(500):
+        m.set([f"other-{i}"], [b"v"])
+        m.get([f"other-{i}", f"never-{i}"])
+    after = sum(len(v) for v in one_process(m).values())
+    assert after == before or after - before <= 20  # new op kinds may add a histogram, keys never do
+    m.close()
+
+
+def exported_names(cluster) -> set:
+    names = set()
+    for name in scrape(cluster.client.get("/metrics").text):
+        names.add(re.sub(r"_(bucket|sum|count|created)$", "", name))
+    return names
+
+
+def test_the_controller_scrape_shows_a_failover_per_rank(cluster_factory):
+    doc = {"backends": [{"name": "primary", "type": GATE}, {"name": "standby", "type": "memory"}],
+           "health": {"failure_rate": None, "slow_calls": None, "ping": {"interval_ms": 20, "timeout_ms": 50}}}
+    c = cluster_factory(doc)
+    gate = c.managers[2].members["primary"].backend
+    gate.close_gate()
+    try:
+        wait_for(lambda: c.epochs() == {(2, "standby")}, timeout=5, what="group failover")
+
+        def shown():
+            got = scrape(c.client.get("/metrics").text)
+            broken = ({"rank": "2", "backend": "primary", "to": "circuit_broken"}, 1.0)
+            return (broken in got.get("hicache_ha_circuit_transitions_total", [])
+                    and all(({"rank": str(r), "reason": "group"}, 1.0) in got["hicache_ha_failovers_total"]
+                            for r in range(4))
+                    and all(({"rank": str(r), "backend": "standby"}, 1.0) in got["hicache_ha_backend_active"]
+                            for r in range(4)))
+
+        wait_for(shown, timeout=5, what="the failover in the scrape")
+        got = scrape(c.client.get("/metrics").text)
+        assert ({"rank": "2", "backend": "primary", "state": "healthy"}, 0.0) in got["hicache_ha_backend_state"]
+        assert got["hicache_ha_desired_epoch"] == [({}, 2.0)]
+        assert ({"kind": "failover", "result": "ok"}, 1.0) in got["hicache_ha_switch_operations_total"]
+        assert all(v == 1.0 for _, v in got["hicache_ha_rank_up"])
+    finally:
+        gate.open_gate()
+
+
+def test_every_dashboard_and_alert_query_uses_exported_metrics(cluster_factory):
+    c = cluster_factory({"backends": [{"name": "primary", "type": "memory"}, {"name": "standby", "type": "memory"}]},
+                        ranks=2)
+    c.managers[0].set(["k"], [b"v"])
+    c.client.put("/hicache/storage-backend", json={"backend": "standby"}, headers=AUTH)
+    wait_for(lambda: "hicache_ha_op_duration_seconds" in exported_names(c), what="latency series")
+    names = exported_names(c)
+    import json
+
+    dashboard = json.loads((DEPLOY / "grafana" / "hicache-ha-dashboard.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "hicache-ha-rules.yml").read_text())["groups"][0]["rules"]
+    queries += [r["expr"] for r in rules]
+    used = {re.sub(r"_(bucket|sum|count)$", "", n) for q in queries for n in re.findall(r"hicache_ha_[a-z_]+", q)}
+    assert used, "no query found"
+    assert used <= names, f"queries use metrics nobody exports: {sorted(used - names)}"

@@ -1,0 +1,110 @@
+"""Webhooks against real local HTTP receivers: delivery, both forms, retries, a receiver that hangs."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from hicache_ha.observe.webhooks import WebhookConfig, WebhookSink
+from tests.control.conftest import AUTH, wait_for
+
+
+class Receiver:
+    def __init__(self, status=200, hang_s=0.0):
+        self.bodies, self.status, self.hang_s = [], status, hang_s
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.bodies.append(body)
+                time.sleep(outer.hang_s)
+                self.send_response(outer.status)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def receivers():
+    made = []
+
+    def make(**kw):
+        r = Receiver(**kw)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.close()
+
+
+EVENT = {"time": 1700000000.0, "rank": 3, "backend": "primary", "from": "healthy", "to": "circuit_broken",
+         "reason": "3 consecutive failures"}
+
+
+def test_generic_and_alertmanager_forms_are_delivered(receivers):
+    generic, am = receivers(), receivers()
+    sink = WebhookSink([WebhookConfig(url=generic.url), WebhookConfig(url=am.url, format="alertmanager")])
+    sink(EVENT)
+    wait_for(lambda: generic.bodies and am.bodies, timeout=5, what="delivery")
+    assert generic.bodies == [EVENT]
+    [alert] = am.bodies[0]
+    assert alert["labels"] == {"alertname": "HicacheHATransition", "severity": "warning", "to": "circuit_broken",
+                               "from": "healthy", "rank": "3", "backend": "primary"}
+    assert alert["annotations"]["reason"] == "3 consecutive failures" and alert["startsAt"].startswith("2023-11-14")
+    sink.close()
+
+
+def test_failures_are_retried_a_bounded_number_of_times(receivers):
+    broken = receivers(status=503)
+    sink = WebhookSink([WebhookConfig(url=broken.url, retries=2, backoff_ms=10)])
+    sink(EVENT)
+    wait_for(lambda: sink.failed == 1, timeout=5, what="the delivery to give up")
+    assert len(broken.bodies) == 3  # the first try and two retries, no more
+    sink.close()
+
+
+def test_a_hanging_receiver_never_blocks_the_emitter_and_the_queue_stays_bounded(receivers):
+    hung = receivers(hang_s=3.0)
+    sink = WebhookSink([WebhookConfig(url=hung.url, timeout_ms=100, retries=0)], queue_size=5)
+    t0 = time.perf_counter()
+    for _ in range(50):
+        sink(EVENT)
+    assert time.perf_counter() - t0 < 0.1  # emitting is a queue put
+    assert sink.dropped >= 40 and sink.queue.qsize() <= 5
+    wait_for(lambda: sink.failed >= 1, timeout=5, what="a timeout")
+    sink.close()
+
+
+def test_the_controller_posts_rank_transitions_and_switches(cluster_factory, receivers):
+    hook = receivers()
+    c = cluster_factory({"backends": [{"name": "primary", "type": "memory"}, {"name": "standby", "type": "memory"}],
+                         "observe": {"webhooks": [{"url": hook.url}]}}, ranks=2)
+    sink = WebhookSink(c.config.observe.webhooks)
+    c.controller.listeners.append(sink)
+    c.client.put("/hicache/storage-backend", json={"backend": "standby"}, headers=AUTH)
+    wait_for(lambda: any(b.get("to") == "standby" and b.get("rank") == 1 for b in hook.bodies), timeout=5,
+             what="rank 1's move to reach the webhook")
+    assert any(b.get("rank") is None and b.get("to") == "standby" for b in hook.bodies)  # the switch itself
+    sink.close()
+
+
+def test_invalid_webhook_config_is_refused():
+    from hicache_ha.backends.errors import ConfigError
+    from hicache_ha.config import parse
+
+    with pytest.raises(ConfigError, match="url"):
+        parse({"backends": [{"name": "m", "type": "memory"}], "observe": {"webhooks": [{"url": "ftp://x"}]}},
+              environ={})
