@@ -10,7 +10,8 @@ three alike:
   raw     what SGLang does today without hicache-ha: HiCacheFile for file, plain redis-py for redis
           (no envelope): the whole cost including integrity is ha / raw
 
-Usage: python bench/overhead.py [--rounds 15] [--json out/overhead.json]
+Usage: python bench/overhead.py [--rounds 15] [--scrape-hz 10] [--json out/overhead.json]
+(--scrape-hz renders this process's Prometheus metrics that often meanwhile: "metrics on")
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -80,7 +82,8 @@ class Direct:
 class HA:
     def __init__(self, spec: dict, pool: CpuHostPool) -> None:
         extra = {"backend_name": "hicache_ha", "module_path": "hicache_ha.sglang", "class_name": "HAStorage",
-                 "ha": {"backends": [spec], "deadlines_ms": {"exists": 5000, "get": 20000, "set": 20000}}}
+                 "ha": {"backends": [spec], "deadlines_ms": {"exists": 5000, "get": 20000, "set": 20000},
+               "admin": {"mode": "off"}}}
         self.s = StorageBackendFactory.create_backend("dynamic", storage_config(extra), None)
         self.s.register_mem_pool_host(pool)
 
@@ -142,7 +145,23 @@ class RawFile:
         return self.s.batch_exists(keys)
 
 
-def run_case(member: str, page_kib: int, rounds: int, redis_url: str, workdir: str) -> dict:
+def scraper(storage, hz: float, stop: threading.Event) -> threading.Thread:
+    """Render this process's Prometheus metrics ``hz`` times a second, as a scraper would."""
+    from hicache_ha.observe.metrics import RankMetrics, registry_for, render
+
+    m = storage.manager
+    registry = registry_for(RankMetrics(lambda: [(m.layout.rank, m.status())]))
+
+    def run():
+        while not stop.wait(1 / hz):
+            render(registry)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def run_case(member: str, page_kib: int, rounds: int, redis_url: str, workdir: str, scrape_hz: float = 0) -> dict:
     head_bytes = page_kib * 1024 // (2 * 16)
     pool = CpuHostPool(pages=BATCH * 2, page_size=16, layer_num=2, head_bytes=head_bytes)
     pool.fill_random()
@@ -156,6 +175,9 @@ def run_case(member: str, page_kib: int, rounds: int, redis_url: str, workdir: s
         spec = {"name": "m", "type": "redis", "url": redis_url}
         impls = {"ha": HA(spec, pool), "direct": Direct(spec, pool), "raw": RawRedis(redis_url, pool)}
     times = {name: {"set": [], "get": [], "exists": []} for name in impls}
+    stop_scraping = threading.Event()
+    if scrape_hz:
+        scraper(impls["ha"].s, scrape_hz, stop_scraping)
     order = list(impls)
     for rnd in range(rounds + 1):  # round 0 warms up and is not counted
         random.shuffle(order)
@@ -180,6 +202,7 @@ def run_case(member: str, page_kib: int, rounds: int, redis_url: str, workdir: s
             for d, _, files in os.walk(case_dir):  # keep the directories: HiCacheFile made its own once
                 for f in files:
                     os.unlink(os.path.join(d, f))
+    stop_scraping.set()
     assert torch.equal(pool.kv_buffer[:BATCH], pool.kv_buffer[BATCH:])
     impls["ha"].s.close()
     shutil.rmtree(case_dir, ignore_errors=True)
@@ -217,6 +240,7 @@ def main() -> None:
     ap.add_argument("--pages", default="64,1024", help="page sizes in KiB")
     ap.add_argument("--members", default="file,redis")
     ap.add_argument("--json", default="out/overhead.json")
+    ap.add_argument("--scrape-hz", type=float, default=0, help="render the metrics this often during the run")
     args = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="hicache-ha-bench-")
     results = []
@@ -224,7 +248,7 @@ def main() -> None:
         with RedisServer() as server:
             for member in args.members.split(","):
                 for kib in (int(p) for p in args.pages.split(",")):
-                    r = run_case(member, kib, args.rounds, server.url, workdir)
+                    r = run_case(member, kib, args.rounds, server.url, workdir, args.scrape_hz)
                     results.append(r)
                     print(f"{member} {kib} KiB: ha/direct {r['ha_over_direct']}  ha/raw {r['ha_over_raw']}", flush=True)
     finally:

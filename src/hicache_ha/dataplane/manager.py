@@ -79,6 +79,7 @@ class BackendManager:
         self.epoch = 1
         self.dropped_writes = 0
         self.unserved_reads = 0
+        self._counters = threading.Lock()  # for the two counters above (failure paths only)
         self.failovers = 0
         self.failovers_by_reason: dict[str, int] = {}
         # Who carries out a failover the supervisor decided on. A control plane replaces it so that all
@@ -138,7 +139,7 @@ class BackendManager:
         """One checked page (a buffer the data plane owns) or None per key. Never raises."""
         member = self.active
         if member is None:
-            self.unserved_reads += len(keys)
+            self._count("unserved_reads", len(keys))
             return [None] * len(keys)
         prefix = self._prefix
         outcome, result = member.call("get", self.deadlines["get"], member.read_pages,
@@ -158,20 +159,24 @@ class BackendManager:
             return [True] * n
         member = self.active
         if member is None:
-            self.dropped_writes += n
+            self._count("dropped_writes", n)
             return [False] * n
         skeys = [self._prefix + k for k in keys]
         try:
             items = member.prepare_values(skeys, values)
         except (TypeError, ValueError) as exc:  # not a buffer: the caller's bug, not the backend's
             log.error("hicache-ha: set of %d pages: values are not buffers: %s", n, exc)
-            self.dropped_writes += n
+            self._count("dropped_writes", n)
             return [False] * n
         outcome, _ = member.call("set", self.deadlines["set"], member.backend.set, skeys, items)
         if outcome is not Outcome.OK:
-            self.dropped_writes += n
+            self._count("dropped_writes", n)
             return [False] * n
         return [True] * n
+
+    def _count(self, counter: str, n: int) -> None:
+        with self._counters:
+            setattr(self, counter, getattr(self, counter) + n)
 
     # -- local switch steps (driven by a control plane, or by an operator in-process) ---------------
     def prepare(self, target: Union[str, BackendConfig, dict], *, probe_deadline_s: Optional[float] = None) -> Prepared:

@@ -130,8 +130,6 @@ class Supervisor:
                 continue
             del self.pending[key]
             ok = call is not None and call.finished and call.error is None
-            if call is not None and not call.finished:
-                check.member.count("abandoned")
             detail = repr(call.error) if call is not None and call.error is not None else (
                 "no free worker" if call is None else "" if ok else f"no answer in {check.timeout * 1000:.0f} ms")
             self._handle(check, ok, call.result if ok else None, detail)
