@@ -251,3 +251,28 @@ def test_a_forced_switch_releases_callers_waiting_on_the_old_member():
         assert out["pages"] == [None] and out["took"] < 1.0
     finally:
         g.open_gate()
+
+
+def test_no_page_is_written_into_caller_memory_after_get_into_returned():
+    m = manager({"name": "a", "type": "memory"}, deadlines={"get": 60})
+    keys = [f"k{i}" for i in range(8)]
+    m.set(keys, [bytes([i]) * 100 for i in range(8)])
+    written = []
+
+    def slow_sink(i, page):  # a copy into engine memory that takes 30 ms a page
+        time.sleep(0.03)
+        written.append(i)
+
+    out, took = timed(m.get_into, keys, 100, slow_sink)
+    at_return = len(written)
+    time.sleep(0.4)  # the worker would have finished all eight by now
+    assert out == [False] * 8 and took <= 0.060 + 0.030 + SLACK  # deadline + at most one page in progress
+    assert len(written) == at_return < 8  # not one write after the call returned
+
+
+def test_get_into_delivers_every_good_page_on_time():
+    m = manager({"name": "a", "type": "memory"})
+    m.set(["k", "j"], [b"1" * 10, b"2" * 10])
+    got = {}
+    assert m.get_into(["k", "missing", "j"], 10, lambda i, p: got.__setitem__(i, bytes(p))) == [True, False, True]
+    assert got == {0: b"1" * 10, 2: b"2" * 10}

@@ -17,12 +17,13 @@ class Call:
     A bare lock, held until the call finishes, is the cheapest hand-off CPython has (an Event builds a
     Condition and a waiter lock per wait); it matters, as the hop is on every engine call."""
 
-    __slots__ = ("fn", "args", "_done", "finished", "fenced", "result", "error", "on_done")
+    __slots__ = ("fn", "args", "_done", "_write", "finished", "fenced", "result", "error", "on_done")
 
     def __init__(self, fn: Callable[..., Any], args: tuple, on_done: Optional[Callable[[], None]] = None) -> None:
         self.fn = fn
         self.args = args
         self.on_done = on_done
+        self._write = threading.Lock()  # held while the worker writes into the caller's memory
         self._done = threading.Lock()
         self._done.acquire()
         self.finished = False
@@ -41,9 +42,23 @@ class Call:
             self.on_done()
 
     def fence(self) -> None:
-        """Let the waiter go now; whatever the call returns later is never looked at."""
-        self.fenced = True
+        """Let the waiter go now; whatever the call returns later is never looked at, and from the
+        moment this returns the worker writes nothing more into the caller's memory (a write in
+        progress, one page, is waited for)."""
+        with self._write:
+            self.fenced = True
         self._release()
+
+    def claim(self) -> bool:
+        """Worker side: may I write into the caller's memory now? If True, call ``unclaim`` after."""
+        self._write.acquire()
+        if self.fenced:
+            self._write.release()
+            return False
+        return True
+
+    def unclaim(self) -> None:
+        self._write.release()
 
     def _release(self) -> None:
         try:
@@ -79,15 +94,18 @@ class Bulkhead:
         """Calls submitted and not finished yet (queued, running, or abandoned but still running)."""
         return self._in_flight
 
-    def try_submit(self, fn: Callable[..., Any], *args: Any,
-                   on_done: Optional[Callable[[], None]] = None) -> Optional[Call]:
+    def try_submit(self, fn: Callable[..., Any], *args: Any, on_done: Optional[Callable[[], None]] = None,
+                   with_call: bool = False) -> Optional[Call]:
         """Queue a call, or return None at once when the member already has ``limit`` calls in flight.
-        ``on_done`` runs on the worker when the call finishes (the supervisor's wake-up)."""
+        ``on_done`` runs on the worker when the call finishes (the supervisor's wake-up); with
+        ``with_call``, ``fn`` gets the Call first (to claim writes into the caller's memory)."""
         with self._idle:
             if self._in_flight >= self.limit or self._closed:
                 return None
             self._in_flight += 1
             call = Call(fn, args, on_done)
+            if with_call:
+                call.args = (call, *args)
             self._calls.add(call)
         self._queue.put(call)
         return call

@@ -152,6 +152,25 @@ class BackendManager:
             member.record("get", Outcome.CORRUPT, 0.0)
         return pages
 
+    def get_into(self, keys: Sequence[str], nbytes: Optional[int], sink: Callable[[int, Any], None]) -> list[bool]:
+        """Like ``get``, but each good page is handed to ``sink(i, page)`` on the worker, which writes it
+        into the caller's memory; fenced, so nothing is written after this returns. Never raises."""
+        member = self.active
+        n = len(keys)
+        if member is None:
+            self._count("unserved_reads", n)
+            return [False] * n
+        prefix = self._prefix
+        outcome, result = member.call("get", self.deadlines["get"], member.read_into,
+                                      [prefix + k for k in keys], nbytes, sink, with_call=True)
+        if outcome is not Outcome.OK:
+            return [False] * n
+        done, corrupt = result
+        if corrupt:
+            member.count("corrupt_pages", corrupt)
+            member.record("get", Outcome.CORRUPT, 0.0)
+        return done
+
     def set(self, keys: Sequence[str], values: Sequence[Any]) -> list[bool]:
         """Store pages (buffers in engine memory); one bool per key. Never raises."""
         n = len(keys)

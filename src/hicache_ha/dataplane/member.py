@@ -125,7 +125,8 @@ class Member:
         return self.bulkhead.in_flight
 
     # -- the engine path ----------------------------------------------------------------------------
-    def call(self, op: str, deadline_s: float, fn: Callable[..., Any], *args: Any) -> tuple[Outcome, Any]:
+    def call(self, op: str, deadline_s: float, fn: Callable[..., Any], *args: Any,
+             with_call: bool = False) -> tuple[Outcome, Any]:
         """An engine call: admitted by the breaker, run on a worker, waited for at most ``deadline_s``.
         Never raises. After a timeout the call is abandoned: its result, whenever it comes, is never
         looked at, so nothing it read can reach engine memory."""
@@ -135,7 +136,7 @@ class Member:
         start = self._clock()
         if not allowed:
             return self._finish(op, Outcome.SHORT_CIRCUITED, start, None, None)
-        outcome, result = self._run(op, deadline_s, fn, args)
+        outcome, result = self._run(op, deadline_s, fn, args, with_call)
         return self._finish(op, outcome, start, result, deadline_s)
 
     def run(self, op: str, timeout_s: float, fn: Callable[..., Any], *args: Any) -> tuple[Outcome, Any]:
@@ -159,11 +160,13 @@ class Member:
             age = None if self.last_probe_ok is None else round(self._clock() - self.last_probe_ok, 3)
             return {"state": self.breaker.state, "probe_ok_age_s": age, **self.stats.snapshot()}
 
-    def _run(self, op: str, deadline_s: float, fn: Callable[..., Any], args: tuple) -> tuple[Outcome, Any]:
-        call = self.bulkhead.try_submit(fn, *args)
+    def _run(self, op: str, deadline_s: float, fn: Callable[..., Any], args: tuple,
+             with_call: bool = False) -> tuple[Outcome, Any]:
+        call = self.bulkhead.try_submit(fn, *args, with_call=with_call)
         if call is None:
             return Outcome.SHORT_CIRCUITED, None
         if not call.wait(deadline_s):
+            call.fence()  # from here on the worker writes nothing into the caller's memory
             self.count("abandoned")
             self._log.warn((op, "timeout"), "hicache-ha: %s on %r exceeded its %.0f ms deadline; abandoned",
                            op, self.name, deadline_s * 1000)
@@ -250,6 +253,25 @@ class Member:
                 continue
             pages.append(page)
         return pages, corrupt
+
+    def read_into(self, call, keys: Sequence[str], nbytes: Optional[int], sink) -> tuple[list[bool], int]:
+        """Fetch, check, and hand each good page to ``sink(i, page)``, which writes it into the caller's
+        memory, on this worker: the copy stays on the thread (and core, and malloc arena) that read
+        the page. Each write is claimed on the call, so once the caller has given up (fenced), no
+        further write happens."""
+        pages, corrupt = self.read_pages(keys, nbytes)
+        done = [False] * len(pages)
+        for i, page in enumerate(pages):
+            if page is None:
+                continue
+            if not call.claim():
+                break
+            try:
+                sink(i, page)
+                done[i] = True
+            finally:
+                call.unclaim()
+        return done, corrupt
 
     def prepare_values(self, keys: Sequence[str], values: Sequence[Any]) -> list:
         """Runs on the engine thread, before the call is queued. With an envelope, the header (checksum)

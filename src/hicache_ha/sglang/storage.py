@@ -113,19 +113,19 @@ class HAStorage(HiCacheStorage):
 
     # -- single pages and the legacy batch API ------------------------------------------------------
     def _read(self, keys: List[str], targets: Optional[list]) -> list:
-        sizes = {t.numel() * t.element_size() for t in targets if t is not None} if targets else set()
-        nbytes = sizes.pop() if len(sizes) == 1 else self._page_bytes
-        pages = self.manager.get(keys, nbytes)
+        if targets is not None and all(t is not None for t in targets):
+            sizes = {t.numel() * t.element_size() for t in targets}
+            nbytes = sizes.pop() if len(sizes) == 1 else self._page_bytes
+            done = self.manager.get_into(keys, nbytes, lambda i, page: _fill(targets[i], page))
+            return [t if ok else None for t, ok in zip(targets, done)]
+        pages = self.manager.get(keys, self._page_bytes)
         out = []
-        for i, page in enumerate(pages):
-            target = targets[i] if targets else None
+        for page in pages:
             if page is None:
                 out.append(None)
-            elif target is not None:
-                out.append(_fill(target, page))
-            else:
-                t = torch.frombuffer(bytearray(page), dtype=torch.uint8)
-                out.append(t.view(self._dtype) if self._dtype is not None and self._dtype != torch.uint8 else t)
+                continue
+            t = torch.frombuffer(bytearray(page), dtype=torch.uint8)
+            out.append(t.view(self._dtype) if self._dtype is not None and self._dtype != torch.uint8 else t)
         return out
 
     @_never_raises(lambda *a, **k: None)
@@ -161,16 +161,11 @@ class HAStorage(HiCacheStorage):
     def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor, extra_info: Optional[Any] = None) -> List[bool]:
         pool = self.mem_pool_host
         page_size = pool.page_size
-        pages = self.manager.get(keys, self._page_bytes)
-        # Copied here, on the engine thread, only after the call returned in time: no late writes.
-        results = []
-        for i, page in enumerate(pages):
-            if page is None:
-                results.append(False)
-                continue
+
+        def into_pool(i: int, page) -> None:  # on the worker, fenced: never after this call returned
             pool.set_from_flat_data_page(host_indices[i * page_size], torch.frombuffer(page, dtype=torch.uint8))
-            results.append(True)
-        return results
+
+        return self.manager.get_into(keys, self._page_bytes, into_pool)
 
     @_never_raises(lambda keys, *a, **k: [False] * len(keys))
     def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor, extra_info: Optional[Any] = None) -> List[bool]:
