@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -51,6 +52,7 @@ class Supervisor:
         self.broken_since: Optional[float] = None  # when the active member last stopped being healthy
         self.next_failover_try = 0.0  # a failover that did not happen (yet) is retried at this pace
         self.ping_seq = 0
+        self.ping_rtts: dict[str, deque] = {}  # recent durations of good pings, per member
         self.no_target_reported = False
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -115,10 +117,32 @@ class Supervisor:
             due.append(max(self.next_failover_try, self.clock() + 0.001))  # failover pending: look again
         return min(due, default=self.clock() + self.max_sleep_s)
 
-    def _submit(self, member: "Member", kind: str, timeout: float, fn: Callable, *args, key: object = None) -> None:
-        call = member.bulkhead.try_submit(fn, *args, on_done=self.wake)
+    def _submit(self, member: "Member", kind: str, timeout: float, fn: Callable, *args, key: object = None,
+                on_done: Optional[Callable[[], None]] = None) -> None:
+        call = member.bulkhead.try_submit(fn, *args, on_done=on_done or self.wake)
         self.pending[(member.name, kind) if key is None else (member.name, kind, key)] = Check(
             member, kind, call, self.clock(), timeout)
+
+    def _rtt_recorder(self, member: "Member") -> Callable[[], None]:
+        """Record how long the ping took when it finishes, even after its timeout: a late answer
+        teaches the next timeout how slow this member gets when busy."""
+        started = self.clock()
+        rtts = self.ping_rtts.setdefault(member.name, deque(maxlen=20))
+
+        def done() -> None:
+            rtts.append(self.clock() - started)
+            self.wake()
+
+        return done
+
+    def _ping_timeout(self, member: "Member") -> float:
+        """The configured timeout, stretched to twice the slowest of the member's recent good pings: a
+        PING queued behind a big transfer on a single-threaded server waits 100+ ms (measured: ~120 ms
+        behind a 128 MiB MGET), which is slowness, not failure. A frozen server answers no ping, so its
+        timeout stops growing."""
+        base = self.cfg.health.ping.timeout_ms / 1000
+        rtts = self.ping_rtts.get(member.name)
+        return max(base, 2 * max(rtts)) if rtts else base
 
     def _pings_out(self, member: "Member") -> int:
         return sum(1 for c in self.pending.values() if c.member is member and c.kind == "ping")
@@ -137,12 +161,8 @@ class Supervisor:
     def _handle(self, check: Check, ok: bool, result, detail: str) -> None:
         m = check.member
         if check.kind == "ping":
-            if not ok and (m.last_ok > check.started or m.engine_waiting):
-                # Busy, not broken, or not for the ping to say: engine calls succeeded while it waited
-                # its turn (a big transfer ahead of it on a single-threaded server blocks a PING for
-                # 100+ ms), or engine calls are in flight and bring their own verdict by their
-                # deadlines. Pings judge a member the engine is not using.
-                return
+            if not ok and m.last_ok > check.started:
+                return  # busy, not broken: engine calls succeeded while the ping waited its turn
             m.feed("ping", ok, detail)
         elif check.kind == "probe":
             m.feed("probe", ok, detail)
@@ -168,7 +188,8 @@ class Supervisor:
                     period = health.ping.interval_ms if m is active else health.ping.standby_interval_ms
                     self.next_ping[m.name] = now + period / 1000
                     self.ping_seq += 1
-                    self._submit(m, "ping", health.ping.timeout_ms / 1000, m.backend.ping, key=self.ping_seq)
+                    self._submit(m, "ping", self._ping_timeout(m), m.backend.ping, key=self.ping_seq,
+                                 on_done=self._rtt_recorder(m))
             elif m.state == RECOVERING and (m.name, "probe") not in self.pending:
                 if now >= self.next_probe.get(m.name, 0.0):
                     self.next_probe[m.name] = now + health.recovery.probe_interval_ms / 1000
