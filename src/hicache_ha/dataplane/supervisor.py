@@ -184,9 +184,13 @@ class Supervisor:
             # Pings overlap (a new one every interval even while older ones wait), so a frozen backend
             # yields a failure every interval after the first timeout, not one per timeout.
             if m.state == HEALTHY and self._pings_out(m) < MAX_PINGS_OUT:
-                if now >= self.next_ping.get(m.name, 0.0):
-                    period = health.ping.interval_ms if m is active else health.ping.standby_interval_ms
-                    self.next_ping[m.name] = now + period / 1000
+                period = (health.ping.interval_ms if m is active else health.ping.standby_interval_ms) / 1000
+                if now - m.last_ok < period:
+                    # Engine calls just succeeded: that is the health signal, and a ping would only
+                    # compete with them (for the GIL, and on a single-threaded server).
+                    self.next_ping[m.name] = m.last_ok + period
+                elif now >= self.next_ping.get(m.name, 0.0):
+                    self.next_ping[m.name] = now + period
                     self.ping_seq += 1
                     self._submit(m, "ping", self._ping_timeout(m), m.backend.ping, key=self.ping_seq,
                                  on_done=self._rtt_recorder(m))
