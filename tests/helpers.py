@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
-from typing import ClassVar, Optional, Sequence
+from typing import ClassVar
 
-from hicache_ha.backends.base import Backend, BackendConfig, BackendContext, Capabilities
+from hicache_ha.backends.base import BackendConfig, BackendContext
 from hicache_ha.backends.memory import MemoryBackend, MemoryConfig
 
 

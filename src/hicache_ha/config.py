@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .backends import registry
 from .backends.base import BackendConfig
 from .backends.errors import ConfigError
-from .observe.webhooks import WebhookConfig
 
 ENV_PREFIX = "HICACHE_HA__"
 
@@ -115,6 +114,14 @@ class AdminConfig(_Strict):
     rank_timeout_ms: int = Field(default=3000, ge=50, description="a rank silent this long counts as missing")
     command_timeout_ms: int = Field(default=10_000, ge=10, description="how long the controller waits for a rank's answer")
     group_failover_timeout_ms: int = Field(default=1000, ge=0, description="a rank fails over alone if the controller has not moved the group by then")
+
+
+class WebhookConfig(_Strict):
+    url: str = Field(pattern=r"^https?://", description="where events are POSTed")
+    format: Literal["generic", "alertmanager"] = "generic"
+    timeout_ms: int = Field(default=2000, ge=1, le=60_000)
+    retries: int = Field(default=3, ge=0, le=20)
+    backoff_ms: int = Field(default=200, ge=0, le=60_000, description="first retry delay, doubled each time")
 
 
 class ObserveConfig(_Strict):

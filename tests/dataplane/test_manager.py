@@ -5,7 +5,7 @@ import pytest
 
 from hicache_ha.backends.envelope import HEADER_SIZE
 from hicache_ha.dataplane import BackendManager, DrainTimeout, Layout, PrepareRefused, UnknownBackend
-from tests.helpers import GATE, GateBackend
+from tests.helpers import GATE
 
 SLACK = 0.020  # the contract: deadline + 20 ms
 # These tests look at one call at a time: no detector trips, no background supervisor.

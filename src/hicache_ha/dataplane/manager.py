@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from ..backends import registry
 from ..backends.base import BackendConfig, BackendContext
-from ..backends.errors import BackendError, ConfigError
+from ..backends.errors import ConfigError
 from ..config import HAConfig, parse
 from ..health.outcomes import Outcome
 from .events import EventLog

@@ -13,7 +13,7 @@ from ..backends.envelope import open_page, seal
 from ..backends.errors import CorruptPage
 from ..config import HealthConfig
 from ..health.backoff import Backoff
-from ..health.breaker import CIRCUIT_BROKEN, DETACHED, HEALTHY, RECOVERING, STATES, Breaker, Transition
+from ..health.breaker import CIRCUIT_BROKEN, DETACHED, Breaker, Transition
 from ..health.detectors import AnyOf, ConsecutiveFailures, FailureRate, SlowCallRate
 from ..health.outcomes import Outcome, classify
 from .bulkhead import Bulkhead

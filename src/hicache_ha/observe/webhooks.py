@@ -12,22 +12,13 @@ import logging
 import threading
 import time
 from queue import Empty, Full, Queue
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import WebhookConfig
 
 log = logging.getLogger("hicache_ha.observe")
-
-
-class WebhookConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    url: str = Field(pattern=r"^https?://", description="where events are POSTed")
-    format: Literal["generic", "alertmanager"] = "generic"
-    timeout_ms: int = Field(default=2000, ge=1, le=60_000)
-    retries: int = Field(default=3, ge=0, le=20)
-    backoff_ms: int = Field(default=200, ge=0, le=60_000, description="first retry delay, doubled each time")
 
 
 SEVERITY = {"circuit_broken": "warning", "detached": "warning", "aborted": "warning", "rolled back": "critical"}
