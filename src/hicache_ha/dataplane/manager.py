@@ -137,39 +137,30 @@ class BackendManager:
 
     def get(self, keys: Sequence[str], nbytes: Optional[int] = None) -> list:
         """One checked page (a buffer the data plane owns) or None per key. Never raises."""
-        member = self.active
-        if member is None:
-            self._count("unserved_reads", len(keys))
-            return [None] * len(keys)
-        prefix = self._prefix
-        outcome, result = member.call("get", self.deadlines["get"], member.read_pages,
-                                      [prefix + k for k in keys], nbytes)
-        if outcome is not Outcome.OK:
-            return [None] * len(keys)
-        pages, corrupt = result
-        if corrupt:
-            member.count("corrupt_pages", corrupt)
-            member.record("get", Outcome.CORRUPT, 0.0)
-        return pages
+        return self._read(keys, None, "read_pages", nbytes)
 
     def get_into(self, keys: Sequence[str], nbytes: Optional[int], sink: Callable[[int, Any], None]) -> list[bool]:
         """Like ``get``, but each good page is handed to ``sink(i, page)`` on the worker, which writes it
         into the caller's memory; fenced, so nothing is written after this returns. Never raises."""
+        return self._read(keys, False, "read_into", nbytes, sink, with_call=True)
+
+    def _read(self, keys: Sequence[str], miss: Any, reader: str, *args: Any, with_call: bool = False) -> list:
+        """Run the active member's ``reader`` (read_pages / read_into) within the get deadline; ``miss``
+        per key when nothing could be read."""
         member = self.active
-        n = len(keys)
         if member is None:
-            self._count("unserved_reads", n)
-            return [False] * n
+            self._count("unserved_reads", len(keys))
+            return [miss] * len(keys)
         prefix = self._prefix
-        outcome, result = member.call("get", self.deadlines["get"], member.read_into,
-                                      [prefix + k for k in keys], nbytes, sink, with_call=True)
+        outcome, result = member.call("get", self.deadlines["get"], getattr(member, reader),
+                                      [prefix + k for k in keys], *args, with_call=with_call)
         if outcome is not Outcome.OK:
-            return [False] * n
-        done, corrupt = result
+            return [miss] * len(keys)
+        found, corrupt = result
         if corrupt:
             member.count("corrupt_pages", corrupt)
             member.record("get", Outcome.CORRUPT, 0.0)
-        return done
+        return found
 
     def set(self, keys: Sequence[str], values: Sequence[Any]) -> list[bool]:
         """Store pages (buffers in engine memory); one bool per key. Never raises."""
