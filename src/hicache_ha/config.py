@@ -31,6 +31,7 @@ class Deadlines(_Strict):
     exists: int = Field(default=50, ge=1, le=60_000)
     get: int = Field(default=500, ge=1, le=60_000)
     set: int = Field(default=1000, ge=1, le=60_000)
+    clear: int = Field(default=2000, ge=1, le=600_000, description="SGLang's clear() (flush_cache) waits no longer")
 
 
 class BulkheadConfig(_Strict):
@@ -38,8 +39,7 @@ class BulkheadConfig(_Strict):
     queue: int = Field(default=4, ge=0, le=1024, description="calls that may wait for a worker before new ones are refused")
 
 
-OUTCOME_NAMES = ("ok", "miss", "timeout", "unavailable", "rejected", "corrupt", "error", "short_circuited", "dropped")
-FAILURE_DEFAULT = ("timeout", "unavailable", "rejected", "corrupt", "error", "short_circuited")
+FAILURE_DEFAULT = ("timeout", "unavailable", "rejected", "corrupt", "error")
 
 
 class RateDetectorConfig(_Strict):
@@ -63,6 +63,7 @@ class BackoffConfig(_Strict):
     base_ms: int = Field(default=500, ge=1)
     cap_ms: int = Field(default=30_000, ge=1)
     jitter: float = Field(default=0.5, ge=0, le=1, description="random share of each wait")
+    decay_ms: int = Field(default=10_000, ge=1, description="each this long healthy, the backoff shrinks one step")
 
 
 class RecoveryConfig(_Strict):
@@ -70,6 +71,8 @@ class RecoveryConfig(_Strict):
     probe_interval_ms: int = Field(default=50, ge=1)
     probe_timeout_ms: int = Field(default=500, ge=1)
     trial_calls: int = Field(default=10, ge=0, description="engine calls let through while recovering")
+    trial_failure_threshold: float = Field(default=0.5, gt=0, le=1,
+                                           description="this share of failed trial calls sends it back to circuit_broken")
     time_limit_ms: int = Field(default=5000, ge=10, description="recovering longer than this → circuit_broken")
 
 
@@ -86,7 +89,11 @@ class HealthConfig(_Strict):
     @classmethod
     def _known_outcomes(cls, value: list[str]) -> list[str]:
         for name in value:
-            if name not in OUTCOME_NAMES or name in ("ok", "miss", "dropped"):
+            if name == "short_circuited":
+                raise ValueError("'short_circuited' cannot count as a failure: it is hicache-ha's own refusal "
+                                 f"(breaker, bulkhead, fencing), not news about the backend; choose from "
+                                 f"{', '.join(FAILURE_DEFAULT)}")
+            if name not in FAILURE_DEFAULT:
                 raise ValueError(f"{name!r} cannot count as a failure; choose from {', '.join(FAILURE_DEFAULT)}")
         return value
 

@@ -49,7 +49,7 @@ def test_a_hung_backend_costs_each_call_its_deadline_and_no_more():
             out, took = timed(fn, *args)
             assert out == failure
             assert deadline <= took <= deadline + SLACK
-        stats = m.members["g"].stats.snapshot()
+        stats = m.members["g"].snapshot()
         assert stats["abandoned"] == 3
         assert stats["ops"]["get"]["timeout"] == 1
         assert m.dropped_writes == 1
@@ -57,16 +57,29 @@ def test_a_hung_backend_costs_each_call_its_deadline_and_no_more():
         gate_of(m, "g").open_gate()
 
 
-def test_a_full_bulkhead_refuses_at_once():
-    m = manager({"name": "g", "type": GATE}, bulkhead={"max_concurrent": 1, "queue": 0})
-    gate_of(m, "g").close_gate()
+def test_a_full_bulkhead_refuses_at_once_and_blames_the_backend_only_when_it_holds_the_workers():
+    m = manager({"name": "g", "type": GATE}, bulkhead={"max_concurrent": 1, "queue": 0},
+                deadlines={"exists": 3000, "get": 60, "set": 80})
+    g = gate_of(m, "g")
+    g.close_gate()
     try:
-        m.exists(["k"])  # occupies the one worker until the gate opens
+        busy = threading.Thread(target=m.exists, args=(["k"],))  # holds the one worker, within its deadline
+        busy.start()
+        assert g.entered.wait(2)
         out, took = timed(m.get, ["k"])
         assert out == [None] and took < 0.005
-        assert m.members["g"].stats.snapshot()["ops"]["get"]["short_circuited"] == 1
+        assert m.members["g"].snapshot()["ops"]["get"] == {"short_circuited": 1}  # our load, not the backend's
+        g.open_gate()
+        busy.join()
+        g.close_gate()
+        m.path.deadlines["exists"] = 0.03
+        m.exists(["k"])  # abandoned at its deadline: now the hung backend holds the worker
+        out, took = timed(m.get, ["k"])
+        assert out == [None] and took < 0.005
+        assert m.members["g"].snapshot()["ops"]["get"] == {"short_circuited": 1, "timeout": 1}
     finally:
-        gate_of(m, "g").open_gate()
+        g.open_gate()
+        busy.join()
 
 
 def test_an_abandoned_read_is_never_delivered():
@@ -89,7 +102,7 @@ def test_a_page_altered_in_storage_is_a_miss_and_counted_corrupt():
     pages[key] = bytes(blob)
     assert m.get(["k", "j"])[0] is None
     assert bytes(m.get(["j"])[0]) == b"y" * 100
-    snap = m.members["a"].stats.snapshot()
+    snap = m.members["a"].snapshot()
     assert snap["corrupt_pages"] == 1 and snap["ops"]["get"]["corrupt"] == 1
 
 

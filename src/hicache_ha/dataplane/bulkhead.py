@@ -7,50 +7,67 @@ its threads at interpreter exit, so a worker stuck on a frozen backend would han
 from __future__ import annotations
 
 import threading
+import time
 from queue import SimpleQueue
 from typing import Any, Callable, Optional
 
+Job = Callable[..., Any]  # called on a worker as job(call, *args)
+
 
 class Call:
-    """One submitted call. The caller waits with its deadline; after that it walks away.
+    """One submitted call. The caller waits with its deadline; after that it walks away (``fence``).
 
     A bare lock, held until the call finishes, is the cheapest hand-off CPython has (an Event builds a
-    Condition and a waiter lock per wait); it matters, as the hop is on every engine call."""
+    Condition and a waiter lock per wait); it matters, as the hop is on every engine call. A second
+    lock, ``_write``, makes "start" and "fence" exclusive: a call fenced while still queued is never
+    run (cancelled), and a running call claims it around every write into the caller's memory."""
 
-    __slots__ = ("fn", "args", "_done", "_write", "finished", "fenced", "result", "error", "on_done")
+    __slots__ = ("job", "args", "generation", "on_done", "_done", "_write", "started", "ended", "finished",
+                 "fenced", "result", "error")
 
-    def __init__(self, fn: Callable[..., Any], args: tuple, on_done: Optional[Callable[[], None]] = None) -> None:
-        self.fn = fn
+    def __init__(self, job: Job, args: tuple, generation: int = 0,
+                 on_done: Optional[Callable[["Call"], None]] = None) -> None:
+        self.job = job
         self.args = args
+        self.generation = generation  # the breaker generation that admitted it
         self.on_done = on_done
-        self._write = threading.Lock()  # held while the worker writes into the caller's memory
+        self._write = threading.Lock()
         self._done = threading.Lock()
         self._done.acquire()
+        self.started: Optional[float] = None  # clock time a worker began it (None: never ran)
+        self.ended: Optional[float] = None
         self.finished = False
         self.fenced = False
         self.result: Any = None
         self.error: Optional[BaseException] = None
 
-    def run(self) -> None:
+    def run(self, clock: Callable[[], float]) -> None:
+        with self._write:
+            if self.fenced:  # the caller gave up while it was queued: cancelled, never sent
+                return
+            self.started = clock()
         try:
-            self.result = self.fn(*self.args)
+            self.result = self.job(self, *self.args)
         except BaseException as exc:  # handed to the caller, who classifies it
             self.error = exc
+        self.ended = clock()
         self.finished = True
         self._release()
-        if self.on_done is not None:
-            self.on_done()
 
-    def fence(self) -> None:
+    def fence(self) -> bool:
         """Let the waiter go now; whatever the call returns later is never looked at, and from the
         moment this returns the worker writes nothing more into the caller's memory (a write in
-        progress, one page, is waited for)."""
-        with self._write:
-            self.fenced = True
+        progress, one page, is waited for). Returns whether the call had reached its worker."""
+        self.fenced = True  # first, so that the worker's next claim backs off (locks are not fair)
+        with self._write:  # then wait out a write in progress
+            started = self.started is not None
         self._release()
+        return started
 
     def claim(self) -> bool:
         """Worker side: may I write into the caller's memory now? If True, call ``unclaim`` after."""
+        if self.fenced:
+            return False
         self._write.acquire()
         if self.fenced:
             self._write.release()
@@ -77,12 +94,20 @@ class Call:
 
 
 class Bulkhead:
-    def __init__(self, name: str, workers: int, queue: int) -> None:
+    """``workers`` threads and room for ``queue`` more calls; beyond that, calls are refused at once.
+
+    It shares its owner's lock, so that admission by the breaker and by the bulkhead is one critical
+    section (``submit_locked``)."""
+
+    def __init__(self, name: str, workers: int, queue: int, lock: Optional[threading.Lock] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         self.limit = workers + queue
+        self.lock = lock or threading.Lock()
+        self._idle = threading.Condition(self.lock)
+        self._clock = clock
         self._in_flight = 0
         self._calls: set[Call] = set()
-        self._idle = threading.Condition(threading.Lock())
         self._queue: SimpleQueue[Optional[Call]] = SimpleQueue()
         self._workers = workers
         self._closed = False
@@ -94,26 +119,32 @@ class Bulkhead:
         """Calls submitted and not finished yet (queued, running, or abandoned but still running)."""
         return self._in_flight
 
-    def try_submit(self, fn: Callable[..., Any], *args: Any, on_done: Optional[Callable[[], None]] = None,
-                   with_call: bool = False) -> Optional[Call]:
-        """Queue a call, or return None at once when the member already has ``limit`` calls in flight.
-        ``on_done`` runs on the worker when the call finishes (the supervisor's wake-up); with
-        ``with_call``, ``fn`` gets the Call first (to claim writes into the caller's memory)."""
-        with self._idle:
-            if self._in_flight >= self.limit or self._closed:
-                return None
-            self._in_flight += 1
-            call = Call(fn, args, on_done)
-            if with_call:
-                call.args = (call, *args)
-            self._calls.add(call)
+    def submit_locked(self, job: Job, args: tuple, generation: int = 0,
+                      on_done: Optional[Callable[[Call], None]] = None) -> Optional[Call]:
+        """Queue a call; None when ``limit`` calls are already in flight. The caller holds ``lock``."""
+        if self._in_flight >= self.limit or self._closed:
+            return None
+        self._in_flight += 1
+        call = Call(job, args, generation, on_done)
+        self._calls.add(call)
         self._queue.put(call)
         return call
 
+    def held_by_backend_locked(self) -> bool:
+        """Is every worker held by a call its caller already gave up on? Then a call refused or left in
+        the queue was kept from the backend by the backend itself (it holds our workers past their
+        deadlines), not by our own load. The caller holds ``lock``."""
+        stuck = sum(1 for c in self._calls if c.fenced and c.started is not None and not c.finished)
+        return stuck >= self._workers
+
+    def try_submit(self, job: Job, *args: Any, on_done: Optional[Callable[[Call], None]] = None) -> Optional[Call]:
+        with self.lock:
+            return self.submit_locked(job, args, 0, on_done)
+
     def fence_all(self) -> int:
         """Release every caller waiting on this member (it tripped, or traffic was forced off it).
-        The calls go on running on their workers; their results are discarded. Returns how many."""
-        with self._idle:
+        Running calls go on on their workers, their results discarded; queued ones never run."""
+        with self.lock:
             calls = [c for c in self._calls if not c.finished]
         for c in calls:
             c.fence()
@@ -129,16 +160,21 @@ class Bulkhead:
             call = self._queue.get()
             if call is None:
                 return
-            call.run()
+            call.run(self._clock)
             with self._idle:
                 self._calls.discard(call)
                 self._in_flight -= 1
                 if self._in_flight == 0:
                     self._idle.notify_all()
+            if call.on_done is not None:
+                call.on_done(call)
 
     def close(self) -> None:
         """Stop the workers once they finish what they run; never waits for a stuck one."""
-        with self._idle:
+        with self.lock:
             self._closed = True
+            calls = list(self._calls)
+        for c in calls:
+            c.fence()  # queued calls are cancelled; nobody waits on a closed member
         for _ in range(self._workers):
             self._queue.put(None)

@@ -1,60 +1,49 @@
-"""One configured backend inside a rank's data plane: its bulkhead, its counters, its breaker."""
+"""One configured backend inside a rank's data plane: its bulkhead, its breaker, its counters.
+
+The engine's thread only makes the call: one critical section admits it (breaker and bulkhead under
+one lock), a worker runs it, and the engine waits at most its deadline. What the call taught about the
+backend is appended to ``results`` (no lock) and judged later by ``drain``, on the rank's supervisor
+(or whoever reads the status), which also carries out any transition: fencing, listeners, logs.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-from bisect import bisect_left
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections import deque
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from ..backends.base import Backend, BackendConfig
 from ..backends.envelope import open_page, seal
 from ..backends.errors import CorruptPage
 from ..config import HealthConfig
 from ..health.backoff import Backoff
-from ..health.breaker import CIRCUIT_BROKEN, DETACHED, Breaker, Transition
+from ..health.breaker import CIRCUIT_BROKEN, DETACHED, HEALTHY, REFUSED, Breaker, Transition, Verdict
 from ..health.detectors import AnyOf, ConsecutiveFailures, FailureRate, SlowCallRate
-from ..health.outcomes import Outcome, classify
-from .bulkhead import Bulkhead
+from ..health.outcomes import Outcome, classify, verdicts
+from .bulkhead import Bulkhead, Call
+from .stats import OpStats
 
 log = logging.getLogger("hicache_ha.dataplane")
 
-
-Observer = Callable[["Member", str, Outcome, float], None]
-
-
-# Latency histogram bounds (seconds): 100 µs to 10 s, as Prometheus buckets.
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                   2.5, 5.0, 10.0)
+Sink = Callable[[int, Any], None]  # writes page i into the caller's memory
+TransitionListener = Callable[["Member", Transition], None]
 
 
-class OpStats:
-    """Counters per (op, outcome), a latency histogram per op, transitions per target state.
-    Not locked: its Member serialises access. Recording is a dict update and a bisect."""
+class Result(NamedTuple):
+    """What one engine call taught about the backend, waiting to be judged by ``Member.drain``."""
 
-    def __init__(self) -> None:
-        self.counts: dict[tuple[str, Outcome], int] = {}
-        self.latency: dict[str, list] = {}  # op -> [count per bucket..., +Inf count, sum]
-        self.transitions: dict[str, int] = {}
-        self.abandoned = 0
-        self.corrupt_pages = 0
-
-    def record(self, op: str, outcome: Outcome, seconds: float) -> None:
-        key = (op, outcome)
-        self.counts[key] = self.counts.get(key, 0) + 1
-        hist = self.latency.get(op)
-        if hist is None:
-            hist = self.latency[op] = [0] * (len(LATENCY_BUCKETS) + 1) + [0.0]
-        hist[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        hist[-1] += seconds
-
-    def snapshot(self) -> dict:
-        ops: dict[str, dict[str, int]] = {}
-        for (op, outcome), n in self.counts.items():
-            ops.setdefault(op, {})[outcome.value] = n
-        return {"ops": ops, "abandoned": self.abandoned, "corrupt_pages": self.corrupt_pages,
-                "latency": {op: list(h) for op, h in self.latency.items()}, "transitions": dict(self.transitions)}
+    op: str
+    pages: int
+    outcome: Outcome
+    at: float  # clock time it ended
+    seconds: float  # engine-visible duration
+    generation: int
+    slow: bool
+    abandoned: bool  # the engine stopped waiting while a worker ran it
+    corrupt_pages: int
+    error: Optional[BaseException]
 
 
 class _RateLimitedLog:
@@ -86,15 +75,13 @@ def breaker_from_config(cfg: HealthConfig, now: float) -> Breaker:
     b, rec = cfg.backoff, cfg.recovery
     return Breaker(
         AnyOf(*detectors), Backoff(b.base_ms / 1000, b.cap_ms / 1000, b.jitter),
-        probes_required=rec.probes, trial_calls=rec.trial_calls, time_limit=rec.time_limit_ms / 1000, now=now,
+        probes_required=rec.probes, trial_calls=rec.trial_calls, trial_failure_threshold=rec.trial_failure_threshold,
+        time_limit=rec.time_limit_ms / 1000, decay=b.decay_ms / 1000, now=now,
     )
 
 
-TransitionListener = Callable[["Member", Transition], None]
-
-
 class Member:
-    """A backend plus what the data plane keeps about it. One lock guards its counters and its breaker."""
+    """A backend plus what the data plane keeps about it. One lock guards its breaker, bulkhead and stats."""
 
     def __init__(self, spec: BackendConfig, backend: Backend, workers: int, queue: int, health: HealthConfig,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -102,18 +89,20 @@ class Member:
         self.spec = spec
         self.backend = backend
         self.envelope = backend.capabilities.envelope
-        self.bulkhead = Bulkhead(spec.name, workers, queue)
-        self.stats = OpStats()
-        self.breaker = breaker_from_config(health, clock())
-        self.failure_outcomes = frozenset(Outcome(o) for o in health.failure_outcomes)
-        self.slow_fraction = health.slow_calls.fraction_of_deadline if health.slow_calls else 1.0
-        self.last_ok = float("-inf")  # when an engine call last succeeded (clock time)
-        self.last_probe_ok: Optional[float] = None  # when a ping or probe last succeeded
-        self.engine_waiting = 0  # engine calls admitted and not answered yet
-        self.listeners: list[TransitionListener] = []
-        self.observers: list[Observer] = []
         self._lock = threading.Lock()
         self._clock = clock
+        self.bulkhead = Bulkhead(spec.name, workers, queue, self._lock, clock)
+        self.breaker = breaker_from_config(health, clock())
+        self.stats = OpStats()
+        self.verdicts = verdicts(Outcome(o) for o in health.failure_outcomes)
+        self.slow_fraction = health.slow_calls.fraction_of_deadline if health.slow_calls else 1.0
+        self.results: deque[Result] = deque(maxlen=100_000)  # appended by engine threads, drained below
+        self.last_ok = float("-inf")  # when an engine call last succeeded (clock time)
+        self.last_probe_ok: Optional[float] = None  # when a ping or probe last succeeded
+        self.listeners: list[TransitionListener] = []
+        # Called (from an engine thread) when a result may change the breaker: a failure, or any result
+        # while not healthy. The rank's supervisor sets it to its wake-up.
+        self.on_news: Callable[[], None] = lambda: None
         self._log = _RateLimitedLog(clock=clock)
 
     @property
@@ -125,122 +114,78 @@ class Member:
         return self.bulkhead.in_flight
 
     # -- the engine path ----------------------------------------------------------------------------
-    def call(self, op: str, deadline_s: float, fn: Callable[..., Any], *args: Any,
-             with_call: bool = False) -> tuple[Outcome, Any]:
-        """An engine call: admitted by the breaker, run on a worker, waited for at most ``deadline_s``.
-        Never raises. After a timeout the call is abandoned: its result, whenever it comes, is never
-        looked at, so nothing it read can reach engine memory."""
-        with self._lock:
-            allowed = self.breaker.allow()
-            self.engine_waiting += allowed
+    def call(self, op: str, deadline_s: float, job: Callable[..., Any], *args: Any) -> tuple[Outcome, Any]:
+        """An engine call: admitted, run on a worker as ``job(call, *args)``, waited for at most
+        ``deadline_s``. Never raises and never blocks on anything but the call. After a timeout the call
+        is fenced: its result, whenever it comes, is never looked at, and it writes nothing more."""
         start = self._clock()
-        if not allowed:
-            return self._finish(op, Outcome.SHORT_CIRCUITED, start, None, None)
-        outcome, result = self._run(op, deadline_s, fn, args, with_call)
-        return self._finish(op, outcome, start, result, deadline_s)
-
-    def run(self, op: str, timeout_s: float, fn: Callable[..., Any], *args: Any) -> tuple[Outcome, Any]:
-        """A control-plane call (switch probe, clear): bypasses the breaker and does not feed it."""
-        start = self._clock()
-        outcome, result = self._run(op, timeout_s, fn, args)
-        self.record(op, outcome, self._clock() - start)
-        return outcome, result
-
-    def record(self, op: str, outcome: Outcome, seconds: float) -> None:
         with self._lock:
-            self.stats.record(op, outcome, seconds)
-
-    def count(self, field: str, n: int = 1) -> None:
-        """Add to a plain counter of the stats (``abandoned``, ``corrupt_pages``)."""
-        with self._lock:
-            setattr(self.stats, field, getattr(self.stats, field) + n)
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            age = None if self.last_probe_ok is None else round(self._clock() - self.last_probe_ok, 3)
-            return {"state": self.breaker.state, "probe_ok_age_s": age, **self.stats.snapshot()}
-
-    def _run(self, op: str, deadline_s: float, fn: Callable[..., Any], args: tuple,
-             with_call: bool = False) -> tuple[Outcome, Any]:
-        call = self.bulkhead.try_submit(fn, *args, with_call=with_call)
-        if call is None:
-            return Outcome.SHORT_CIRCUITED, None
-        if not call.wait(deadline_s):
-            call.fence()  # from here on the worker writes nothing into the caller's memory
-            self.count("abandoned")
-            self._log.warn((op, "timeout"), "hicache-ha: %s on %r exceeded its %.0f ms deadline; abandoned",
-                           op, self.name, deadline_s * 1000)
+            generation = self.breaker.admit()
+            call = None if generation == REFUSED else self.bulkhead.submit_locked(job, args, generation)
+            if call is None and (generation == REFUSED or not self.bulkhead.held_by_backend_locked()):
+                # Refused by our breaker, or by a bulkhead full of our own load: never held against
+                # the backend (a trial permit goes back).
+                self.breaker.on_result(generation, start, Verdict.IGNORED)
+                self.stats.record(op, Outcome.SHORT_CIRCUITED, 0.0)
+                if op == "set":
+                    self.stats.dropped_pages += len(args[0])
+                return Outcome.SHORT_CIRCUITED, None
+        if call is None:  # the backend holds every worker past its deadline: that is a timeout
+            self.results.append(Result(op, len(args[0]), Outcome.TIMEOUT, start, 0.0, generation, False, False, 0,
+                                       None))
+            self.on_news()
             return Outcome.TIMEOUT, None
-        if call.fenced and not call.finished:
-            self.count("abandoned")
-            return Outcome.SHORT_CIRCUITED, None  # cut short: the member tripped or traffic left it
-        if call.error is not None:
+        result = None
+        abandoned = False
+        if not call.wait(deadline_s):
+            # Running: a timeout. Still queued: cancelled, the backend never saw it; that is our own
+            # load, unless the backend itself holds every worker past its deadline.
+            abandoned = call.fence()
+            outcome = Outcome.TIMEOUT if abandoned or self._held_by_backend() else Outcome.SHORT_CIRCUITED
+        elif not call.finished:
+            abandoned = call.started is not None
+            outcome = Outcome.SHORT_CIRCUITED  # fenced: the member tripped, or traffic was forced off it
+        elif call.error is not None:
             outcome = classify(call.error)
-            self._log.warn((op, outcome), "hicache-ha: %s on %r failed (%s): %s", op, self.name, outcome, call.error)
-            return outcome, None
-        return Outcome.OK, call.result
-
-    def _finish(self, op: str, outcome: Outcome, start: float, result: Any,
-                deadline_s: Optional[float]) -> tuple[Outcome, Any]:
+        else:
+            outcome, result = Outcome.OK, call.result
         now = self._clock()
-        elapsed = now - start
-        transition = None
-        with self._lock:
-            self.stats.record(op, outcome, elapsed)
-            if outcome is Outcome.OK:
-                self.last_ok = now
-            if deadline_s is not None:  # admitted: its result is news about the backend
-                self.engine_waiting -= 1
-                transition = self.breaker.on_result(now, outcome in self.failure_outcomes,
-                                                    elapsed > self.slow_fraction * deadline_s)
-        for observer in self.observers:
-            observer(self, op, outcome, elapsed)
-        if transition:
-            self._emit(transition)
+        corrupt = 0
+        if outcome is Outcome.OK:
+            self.last_ok = now
+            if op == "get":
+                corrupt = result[1]
+                if corrupt:
+                    outcome = Outcome.CORRUPT  # the good pages are still delivered
+        service = (call.ended - call.started) if call.finished else now - start
+        self.results.append(Result(op, len(args[0]), outcome, now, now - start, generation, service > self.slow_fraction * deadline_s,
+                                   abandoned, corrupt, call.error))
+        if outcome is not Outcome.OK or self.breaker.state != HEALTHY:
+            self.on_news()
         return outcome, result
 
-    # -- the background path (the supervisor) -------------------------------------------------------
-    def feed(self, what: str, ok: bool, detail: str = "") -> None:
-        """Hand the breaker the result of a health ping (``ping``) or a recovery probe (``probe``)."""
-        now = self._clock()
-        with self._lock:
-            if ok:
-                self.last_probe_ok = now
-            if what == "ping":
-                transition = self.breaker.on_result(now, not ok)
-            else:
-                transition = self.breaker.on_probe(now, ok, detail)
-        if transition:
-            self._emit(transition)
-
-    def apply(self, step: Callable[[Breaker, float], Optional[Transition]]) -> Optional[Transition]:
-        """Run one breaker step (tick, trip, detach, attach, retry_now) under the member's lock."""
-        with self._lock:
-            transition = step(self.breaker, self._clock())
-        if transition:
-            self._emit(transition)
-        return transition
-
-    def _emit(self, transition: Transition) -> None:
-        with self._lock:
-            t = self.stats.transitions
-            t[transition.to_state] = t.get(transition.to_state, 0) + 1
-        if transition.to_state in (CIRCUIT_BROKEN, DETACHED):
-            self.bulkhead.fence_all()  # nobody waits out a deadline on a member known to be bad
-        for listener in self.listeners:
-            listener(self, transition)
+    def _held_by_backend(self) -> bool:
+        with self._lock:  # a timeout path only
+            return self.bulkhead.held_by_backend_locked()
 
     # -- what runs on the worker threads ----------------------------------------------------------
-    def read_pages(self, keys: Sequence[str], nbytes: Optional[int]) -> tuple[list, int]:
-        """Fetch and check pages; a page failing its envelope or size is a miss. Returns (pages, corrupt)."""
+    def exists_job(self, call: Call, keys: Sequence[str]) -> int:
+        return self.backend.exists(keys)
+
+    def set_job(self, call: Call, keys: Sequence[str], items: Sequence[Any]) -> None:
+        self.backend.set(keys, items)
+
+    def read_job(self, call: Call, keys: Sequence[str], nbytes: Optional[int],
+                 sink: Optional[Sink]) -> tuple[list, int]:
+        """Fetch pages and check each one (envelope, size) in one pass. With a ``sink``, each good page
+        is written into the caller's memory here, on the worker that read it, under a claim on the
+        call: once the caller has given up (fenced), no further write happens. Returns (one bool per
+        key with a sink, else one page or None per key; the number of corrupt pages)."""
         blobs = self.backend.get(keys, nbytes)
-        if not self.envelope and nbytes is None:
-            return blobs, 0
-        pages: list = []
+        out: list = [False if sink else None] * len(keys)
         corrupt = 0
-        for key, blob in zip(keys, blobs):
+        for i, (key, blob) in enumerate(zip(keys, blobs)):
             if blob is None:
-                pages.append(None)
                 continue
             try:
                 page = open_page(key, blob) if self.envelope else memoryview(blob)
@@ -248,30 +193,19 @@ class Member:
                     raise CorruptPage(f"page {key!r}: {page.nbytes} bytes, this layout expects {nbytes}")
             except CorruptPage as exc:
                 corrupt += 1
-                self._log.warn(("get", "corrupt"), "hicache-ha: %s on %r: %s", "get", self.name, exc)
-                pages.append(None)
+                self._log.warn(("get", "corrupt"), "hicache-ha: get on %r: %s", self.name, exc)
                 continue
-            pages.append(page)
-        return pages, corrupt
-
-    def read_into(self, call, keys: Sequence[str], nbytes: Optional[int], sink) -> tuple[list[bool], int]:
-        """Fetch, check, and hand each good page to ``sink(i, page)``, which writes it into the caller's
-        memory, on this worker: the copy stays on the thread (and core, and malloc arena) that read
-        the page. Each write is claimed on the call, so once the caller has given up (fenced), no
-        further write happens."""
-        pages, corrupt = self.read_pages(keys, nbytes)
-        done = [False] * len(pages)
-        for i, page in enumerate(pages):
-            if page is None:
+            if sink is None:
+                out[i] = page
                 continue
             if not call.claim():
                 break
             try:
                 sink(i, page)
-                done[i] = True
+                out[i] = True
             finally:
                 call.unclaim()
-        return done, corrupt
+        return out, corrupt
 
     def prepare_values(self, keys: Sequence[str], values: Sequence[Any]) -> list:
         """Runs on the engine thread, before the call is queued. With an envelope, the header (checksum)
@@ -282,9 +216,90 @@ class Member:
             return [(seal(k, v), v) for k, v in zip(keys, values)]
         return [bytearray(v) for v in values]
 
+    # -- the background path ------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Judge the results engine calls left: stats, the breaker, transitions and their effects.
+        Never called on an engine thread."""
+        transitions, failed = [], []
+        with self._lock:  # no I/O under it: engine admissions take it too
+            while self.results:
+                r = self.results.popleft()
+                self.stats.record(r.op, r.outcome, r.seconds)
+                self.stats.abandoned += r.abandoned
+                self.stats.corrupt_pages += r.corrupt_pages
+                if r.op == "set" and r.outcome is not Outcome.OK:
+                    self.stats.dropped_pages += r.pages
+                if r.outcome is not Outcome.OK and r.outcome is not Outcome.SHORT_CIRCUITED:
+                    failed.append(r)
+                t = self.breaker.on_result(r.generation, r.at, self.verdicts[r.outcome], r.slow)
+                if t is not None:
+                    transitions.append(t)
+        for r in failed:
+            self._log.warn((r.op, r.outcome), "hicache-ha: %s on %r: %s%s", r.op, self.name, r.outcome,
+                           f" ({r.error})" if r.error is not None else "")
+        for t in transitions:
+            self._announce(t)
+
+    def check(self, fn: Callable[[], Any], on_done: Optional[Callable[[Call], None]] = None) -> Optional[Call]:
+        """Run a supervisor check (ping, probe, reconnect) on a worker; None when no worker is free."""
+        return self.bulkhead.try_submit(lambda _call: fn(), on_done=on_done)
+
+    def run(self, op: str, timeout_s: float, fn: Callable[[], Any]) -> tuple[Outcome, Any]:
+        """A control-plane call (switch probe, clear): bypasses the breaker and does not feed it."""
+        start = self._clock()
+        call = self.check(fn)
+        if call is None:
+            outcome, result = Outcome.SHORT_CIRCUITED, None
+        elif not call.wait(timeout_s) or not call.finished:
+            call.fence()
+            outcome, result = Outcome.TIMEOUT, None
+        elif call.error is not None:
+            outcome, result = classify(call.error), None
+        else:
+            outcome, result = Outcome.OK, call.result
+        with self._lock:
+            self.stats.record(op, outcome, self._clock() - start)
+        return outcome, result
+
+    def feed_ping(self, generation: int, ok: bool) -> None:
+        """A health ping admitted in ``generation`` finished (or timed out)."""
+        self._step(lambda b, now: b.on_result(generation, now, Verdict.SUCCESS if ok else Verdict.FAILURE), ok)
+
+    def feed_probe(self, ok: bool, detail: str = "") -> None:
+        self._step(lambda b, now: b.on_probe(now, ok, detail), ok)
+
+    def apply(self, step: Callable[[Breaker, float], Optional[Transition]]) -> Optional[Transition]:
+        """Run one breaker step (tick, trip, detach, attach, reset, retry_now) and act on its transition."""
+        return self._step(step, False)
+
+    def _step(self, step: Callable[[Breaker, float], Optional[Transition]], probe_ok: bool) -> Optional[Transition]:
+        with self._lock:
+            now = self._clock()
+            if probe_ok:
+                self.last_probe_ok = now
+            transition = step(self.breaker, now)
+        if transition:
+            self._announce(transition)
+        return transition
+
+    def _announce(self, transition: Transition) -> None:
+        with self._lock:
+            t = self.stats.transitions
+            t[transition.to_state] = t.get(transition.to_state, 0) + 1
+        if transition.to_state in (CIRCUIT_BROKEN, DETACHED):
+            self.bulkhead.fence_all()  # nobody waits out a deadline on a member known to be bad
+        for listener in self.listeners:
+            listener(self, transition)
+
+    def snapshot(self) -> dict:
+        self.drain()
+        with self._lock:
+            age = None if self.last_probe_ok is None else round(self._clock() - self.last_probe_ok, 3)
+            return {"state": self.breaker.state, "probe_ok_age_s": age, **self.stats.snapshot()}
+
     def close(self) -> None:
         self.bulkhead.close()
         try:
             self.backend.close()
-        except Exception:
-            pass
+        except Exception:  # closing a broken backend must not fail a switch or a shutdown
+            log.debug("hicache-ha: closing %r failed", self.name, exc_info=True)

@@ -80,15 +80,13 @@ class _Window:
         self.hits = [0] * buckets
         self.stamp = [-1] * buckets  # which slice of time each bucket currently holds
 
-    def _bucket(self, now: float) -> int:
+    def add(self, now: float, hit: bool) -> None:
         slot = int(now // self.width)
         i = slot % len(self.calls)
-        if self.stamp[i] != slot:
+        # Results arrive a little out of order (several threads finish calls): one whose slice was
+        # recycled already counts in the newer slice sharing its bucket, and never wipes that slice.
+        if self.stamp[i] < slot:
             self.stamp[i], self.calls[i], self.hits[i] = slot, 0, 0
-        return i
-
-    def add(self, now: float, hit: bool) -> None:
-        i = self._bucket(now)
         self.calls[i] += 1
         self.hits[i] += hit
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import Iterable
 
 from ..backends.errors import BackendRejected, BackendTimeout, BackendUnavailable, CorruptPage
+from .breaker import Verdict
 
 
 class Outcome(str, Enum):
@@ -22,8 +24,19 @@ class Outcome(str, Enum):
         return self.value
 
 
-# Outcomes that say the backend itself is in trouble (misses and drops say nothing about it).
+# Outcomes that may say the backend itself is in trouble. Misses and drops say nothing about it, and
+# ``short_circuited`` (our own breaker or bulkhead refused it, or a trip or switch fenced it) is news
+# about hicache-ha, never about the backend.
 FAILURES = frozenset({Outcome.TIMEOUT, Outcome.UNAVAILABLE, Outcome.REJECTED, Outcome.CORRUPT, Outcome.ERROR})
+
+
+def verdicts(failure_outcomes: Iterable[Outcome]) -> dict[Outcome, Verdict]:
+    """How each outcome counts for the breaker: ok and miss succeed, the configured failure outcomes
+    fail, everything else (short_circuited, and failure kinds the operator chose not to count) is
+    ignored."""
+    failing = frozenset(failure_outcomes)
+    return {o: Verdict.SUCCESS if o in (Outcome.OK, Outcome.MISS) else
+            Verdict.FAILURE if o in failing else Verdict.IGNORED for o in Outcome}
 
 
 def classify(exc: BaseException) -> Outcome:

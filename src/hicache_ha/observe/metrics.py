@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from ..dataplane.member import LATENCY_BUCKETS
+from ..dataplane.stats import LATENCY_BUCKETS
 from ..health.breaker import STATES
 
 # Failover reasons, kept to a fixed set: "failover (asked by rank 3)" is a group failover.

@@ -27,6 +27,7 @@ from ..config import HAConfig, load, parse
 from ..control.service import attach_control_plane
 from ..observe.logs import use_json_if_asked
 from ..dataplane import BackendManager, Layout
+from ..dataplane.enginelog import engine_log
 
 log = logging.getLogger("hicache_ha.sglang")
 
@@ -59,7 +60,7 @@ def _never_raises(failure: Callable[..., Any]):
             try:
                 return method(self, *args, **kwargs)
             except Exception:
-                log.exception("hicache-ha: %s failed; the engine gets its failure value", method.__name__)
+                engine_log.exception("hicache-ha: %s failed; the engine gets its failure value", method.__name__)
                 return failure(*args, **kwargs)
 
         return guarded
