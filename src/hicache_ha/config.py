@@ -39,7 +39,11 @@ class BulkheadConfig(_Strict):
     queue: int = Field(default=4, ge=0, le=1024, description="calls that may wait for a worker before new ones are refused")
 
 
-FAILURE_DEFAULT = ("timeout", "unavailable", "rejected", "corrupt", "error")
+# A timeout is not among them by default: on a busy host a big transfer runs out of its deadline while the
+# backend is fine. Timeouts count as slow calls (health.slow_calls); a hung backend also stops answering
+# health pings, and each unanswered ping is a failure.
+FAILURE_DEFAULT = ("unavailable", "rejected", "corrupt", "error")
+FAILURE_CHOICES = ("timeout", *FAILURE_DEFAULT)
 
 
 class RateDetectorConfig(_Strict):
@@ -92,9 +96,9 @@ class HealthConfig(_Strict):
             if name == "short_circuited":
                 raise ValueError("'short_circuited' cannot count as a failure: it is hicache-ha's own refusal "
                                  f"(breaker, bulkhead, fencing), not news about the backend; choose from "
-                                 f"{', '.join(FAILURE_DEFAULT)}")
-            if name not in FAILURE_DEFAULT:
-                raise ValueError(f"{name!r} cannot count as a failure; choose from {', '.join(FAILURE_DEFAULT)}")
+                                 f"{', '.join(FAILURE_CHOICES)}")
+            if name not in FAILURE_CHOICES:
+                raise ValueError(f"{name!r} cannot count as a failure; choose from {', '.join(FAILURE_CHOICES)}")
         return value
 
 

@@ -8,6 +8,7 @@ from hicache_ha import BackendManager, Layout
 from hicache_ha.sim.engine import Simulation
 from hicache_ha.sim.servers import SentinelCluster
 from hicache_ha.sim.workload import Workload
+from tests.timing import SLACK_S, LagProbe, percentile
 
 
 def doc(primary, standby_path, **failover):
@@ -77,20 +78,25 @@ def test_sigkill_trips_within_100ms_and_the_standby_serves_within_1s(redis_serve
             m.close()
 
 
-def test_sigstop_is_detected_within_250ms_then_recovery_and_manual_failback(redis_server, tmp_path):
+def test_sigstop_is_detected_within_500ms_then_recovery_and_manual_failback(redis_server, tmp_path):
+    """A frozen server is confirmed by unanswered health pings (timeouts of engine calls alone are
+    slowness, which a busy host also causes): 3 pings at 50 ms intervals, each given >= 100 ms."""
     managers = ranks(doc({"name": "primary", "type": "redis", "url": redis_server.url, "socket_timeout_ms": 1000},
                          tmp_path))
     try:
-        sim, t_stop = run(managers, redis_server.freeze, during=1.0, after=redis_server.thaw)
-        time.sleep(3.0)
-        stats = sim.finish()
+        with LagProbe() as lag:
+            sim, t_stop = run(managers, redis_server.freeze, during=1.0, after=redis_server.thaw)
+            time.sleep(3.0)
+            stats = sim.finish()
         broken = first_time(managers, backend="primary", to_state="circuit_broken")
-        assert broken - t_stop <= 0.250, f"detected after {(broken - t_stop) * 1000:.0f} ms"
+        assert broken - t_stop <= 0.500, f"detected after {(broken - t_stop) * 1000:.0f} ms"
         states = [e.to_state for e in events(managers[:1], backend="primary") if e.to_state in
                   ("circuit_broken", "recovering", "healthy")]
         assert states[:1] == ["circuit_broken"] and states[-2:] == ["recovering", "healthy"]
         assert all(m.active.name == "standby" for m in managers)  # failback is manual by default
-        assert max(s.seconds for s in stats.samples) <= 0.300 + 0.020
+        latencies = [s.seconds for s in stats.samples]
+        assert percentile(latencies, 99.9) <= 0.300 + SLACK_S
+        assert max(latencies) <= lag.bound(0.300)
         assert stats.errors_surfaced == 0 and stats.verify_failures == 0
     finally:
         for m in managers:

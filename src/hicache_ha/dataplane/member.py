@@ -141,7 +141,7 @@ class Member:
             # Running: a timeout. Still queued: cancelled, the backend never saw it; that is our own
             # load, unless the backend itself holds every worker past its deadline.
             abandoned = call.fence()
-            outcome = Outcome.TIMEOUT if abandoned or self._held_by_backend() else Outcome.SHORT_CIRCUITED
+            outcome = Outcome.TIMEOUT if abandoned or self.held_by_backend() else Outcome.SHORT_CIRCUITED
         elif not call.finished:
             abandoned = call.started is not None
             outcome = Outcome.SHORT_CIRCUITED  # fenced: the member tripped, or traffic was forced off it
@@ -164,7 +164,8 @@ class Member:
             self.on_news()
         return outcome, result
 
-    def _held_by_backend(self) -> bool:
+    def held_by_backend(self) -> bool:
+        """Is every worker held by a call its caller gave up on (the backend hangs)?"""
         with self._lock:  # a timeout path only
             return self.bulkhead.held_by_backend_locked()
 
@@ -217,9 +218,9 @@ class Member:
         return [bytearray(v) for v in values]
 
     # -- the background path ------------------------------------------------------------------------
-    def drain(self) -> None:
+    def drain(self) -> bool:
         """Judge the results engine calls left: stats, the breaker, transitions and their effects.
-        Never called on an engine thread."""
+        Returns whether any call failed or ran out of its deadline. Never called on an engine thread."""
         transitions, failed = [], []
         with self._lock:  # no I/O under it: engine admissions take it too
             while self.results:
@@ -239,6 +240,7 @@ class Member:
                            f" ({r.error})" if r.error is not None else "")
         for t in transitions:
             self._announce(t)
+        return bool(failed)
 
     def check(self, fn: Callable[[], Any], on_done: Optional[Callable[[Call], None]] = None) -> Optional[Call]:
         """Run a supervisor check (ping, probe, reconnect) on a worker; None when no worker is free."""

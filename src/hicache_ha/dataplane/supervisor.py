@@ -107,9 +107,10 @@ class Supervisor:
     def step(self) -> float:
         """Do what is due; return the seconds until something else will be."""
         members = self.rank.all_members()
-        for m in members:
-            m.drain()  # what engine calls reported since the last step
         now = self.clock()
+        for m in members:
+            if m.drain() and m.state == HEALTHY:  # what engine calls reported since the last step
+                self.next_ping[m.name] = now  # a failed or timed-out call: confirm with a ping at once
         self._collect(now)
         for m in members:
             m.apply(lambda b, t: b.tick(t))
@@ -178,12 +179,15 @@ class Supervisor:
             if call is not None and not call.finished and now - check.started < check.timeout:
                 continue
             del self.pending[key]
+            # A check that found no worker, or waited in the queue behind engine calls, never reached
+            # the backend: that is our own load, unless the backend holds every worker past its deadline.
             if call is None:
-                ran, ok, detail = False, False, "no free worker"
+                ran, ok, detail = check.member.held_by_backend(), False, "every worker held past its deadline"
             elif call.finished:
                 ran, ok, detail = True, call.error is None, "" if call.error is None else repr(call.error)
-            else:  # timed out; a check still queued behind engine calls never reached the backend
-                ran, ok, detail = call.fence(), False, f"no answer in {check.timeout * 1000:.0f} ms"
+            else:
+                ran = call.fence() or check.member.held_by_backend()
+                ok, detail = False, f"no answer in {check.timeout * 1000:.0f} ms"
             self._handle(check, ran, ok, call.result if ok else None, detail)
 
     def _handle(self, check: Check, ran: bool, ok: bool, result, detail: str) -> None:

@@ -52,6 +52,7 @@ class Verdict(Enum):
 
     SUCCESS = "success"
     FAILURE = "failure"
+    SLOW = "slow"  # it ran out of its deadline: judged by the slow-call rate, not as a failure
     IGNORED = "ignored"
 
 
@@ -103,7 +104,7 @@ class Breaker:
         if self.state == HEALTHY:
             if verdict is Verdict.IGNORED:
                 return None
-            self.detector.record(now, verdict is Verdict.FAILURE, slow)
+            self.detector.record(now, verdict is Verdict.FAILURE, slow or verdict is Verdict.SLOW)
             reason = self.detector.tripped(now)
             return self._trip(now, reason) if reason else None
         if self.state == RECOVERING:
@@ -111,7 +112,7 @@ class Breaker:
                 self.trials_admitted = max(0, self.trials_admitted - 1)  # the permit goes back
                 return None
             self.trials_done += 1
-            self.trials_failed += verdict is Verdict.FAILURE
+            self.trials_failed += verdict is not Verdict.SUCCESS  # a recovering member must also be quick
             return self._judge(now)
         return None
 

@@ -62,7 +62,10 @@ class ConsecutiveFailures(Detector):
         self.count = 0
 
     def record(self, now: float, failed: bool, slow: bool) -> None:
-        self.count = self.count + 1 if failed else 0
+        if failed:
+            self.count += 1
+        elif not slow:  # a call that ran out of its deadline proves nothing either way
+            self.count = 0
 
     def tripped(self, now: float) -> Optional[str]:
         return f"{self.count} consecutive failures" if self.count >= self.threshold else None

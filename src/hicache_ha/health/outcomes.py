@@ -32,11 +32,18 @@ FAILURES = frozenset({Outcome.TIMEOUT, Outcome.UNAVAILABLE, Outcome.REJECTED, Ou
 
 def verdicts(failure_outcomes: Iterable[Outcome]) -> dict[Outcome, Verdict]:
     """How each outcome counts for the breaker: ok and miss succeed, the configured failure outcomes
-    fail, everything else (short_circuited, and failure kinds the operator chose not to count) is
-    ignored."""
+    fail; a timeout not configured as a failure is a slow call (judged by the slow-call rate); the
+    rest (short_circuited, and failure kinds the operator chose not to count) is ignored."""
     failing = frozenset(failure_outcomes)
-    return {o: Verdict.SUCCESS if o in (Outcome.OK, Outcome.MISS) else
-            Verdict.FAILURE if o in failing else Verdict.IGNORED for o in Outcome}
+
+    def verdict(o: Outcome) -> Verdict:
+        if o in (Outcome.OK, Outcome.MISS):
+            return Verdict.SUCCESS
+        if o in failing:
+            return Verdict.FAILURE
+        return Verdict.SLOW if o is Outcome.TIMEOUT else Verdict.IGNORED
+
+    return {o: verdict(o) for o in Outcome}
 
 
 def classify(exc: BaseException) -> Outcome:
