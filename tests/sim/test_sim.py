@@ -3,7 +3,8 @@ import time
 from hicache_ha import BackendManager, Layout
 from hicache_ha.sim.engine import MinReducer, Simulation
 from hicache_ha.sim.workload import Workload, page_bytes
-from tests.timing import SLACK_S, LagProbe, percentile
+from hicache_ha.sim.engine import percentile
+from hicache_ha.sim.lag import SLACK_S, LagProbe
 
 
 def test_page_bytes_derive_from_rank_and_key():

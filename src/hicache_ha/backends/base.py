@@ -32,11 +32,6 @@ class Capabilities:
 
     # Pages are stored as opaque bytes, so the data plane wraps them in the integrity envelope.
     envelope: bool = True
-    # Several processes (ranks) see the same pages: needed for pages shared across a TP group.
-    shared: bool = True
-    # The backend can read straight into registered host memory (not used while reads can time out:
-    # such reads would write into engine memory after the call returned).
-    zero_copy: bool = False
     # The backend knows other instances of its own cluster and can move to one (``reconnect``).
     cluster: bool = False
 

@@ -38,7 +38,7 @@ class FileConfig(BackendConfig):
 
 class FileBackend(Backend):
     Config: ClassVar[type[BackendConfig]] = FileConfig
-    capabilities: ClassVar[Capabilities] = Capabilities(envelope=True, shared=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(envelope=True)
 
     def __init__(self, config: FileConfig) -> None:
         super().__init__(config)

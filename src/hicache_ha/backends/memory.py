@@ -30,7 +30,7 @@ _NAMESPACES_LOCK = threading.Lock()
 
 class MemoryBackend(Backend):
     Config: ClassVar[type[BackendConfig]] = MemoryConfig
-    capabilities: ClassVar[Capabilities] = Capabilities(envelope=True, shared=False)
+    capabilities: ClassVar[Capabilities] = Capabilities(envelope=True)
 
     def __init__(self, config: MemoryConfig) -> None:
         super().__init__(config)

@@ -96,7 +96,7 @@ def map_redis_error(exc: Exception, name: str) -> BackendError:
 
 class RedisBackend(Backend):
     Config: ClassVar[type[BackendConfig]] = RedisConfig
-    capabilities: ClassVar[Capabilities] = Capabilities(envelope=True, shared=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(envelope=True)
 
     def __init__(self, config: RedisConfig, clients: list, sentinel: Optional[Sentinel] = None) -> None:
         super().__init__(config)

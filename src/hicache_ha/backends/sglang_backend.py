@@ -26,7 +26,7 @@ class SGLangConfig(BackendConfig):
 
 class SGLangBackend(Backend):
     Config: ClassVar[type[BackendConfig]] = SGLangConfig
-    capabilities: ClassVar[Capabilities] = Capabilities(envelope=False, shared=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(envelope=False)
 
     def __init__(self, config: SGLangConfig, storage: Any, context: BackendContext) -> None:
         super().__init__(config)

@@ -68,6 +68,7 @@ class SimStats:
     errors_surfaced: int = 0
     backups_skipped: int = 0
     requests: int = 0
+    hits: deque = field(default_factory=lambda: deque(maxlen=1_000_000))  # (t, pages asked, pages hit) per request
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def now(self) -> float:
@@ -75,6 +76,17 @@ class SimStats:
 
     def add(self, rank: int, op: str, seconds: float, pages: int, ok: bool) -> None:
         self.samples.append(Sample(self.now(), rank, op, seconds, pages, ok))
+
+    def hit_rate(self, seconds: float) -> float:
+        """Pages hit / pages asked over the last ``seconds``."""
+        cut = self.now() - seconds
+        asked = hit = 0
+        for t, a, h in reversed(self.hits):
+            if t < cut:
+                break
+            asked += a
+            hit += h
+        return hit / asked if asked else 0.0
 
     def window(self, seconds: float) -> list[Sample]:
         cut = self.now() - seconds
@@ -197,6 +209,7 @@ class Rank(threading.Thread):
         with self.stats.lock:
             self.stats.pages_requested += len(keys)
             self.stats.pages_hit += loaded
+        self.stats.hits.append((self.stats.now(), len(keys), loaded))
         # Backup: the backup thread writes what storage did not have (dropped when it is behind).
         if loaded < len(keys):
             try:
