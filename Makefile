@@ -9,7 +9,7 @@ SGLANG := $(VENV)/.installed-sglang
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: demo test bench redis-server test-tools install install-sglang clean
+.PHONY: demo test bench chaos redis-server test-tools install install-sglang clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -41,9 +41,10 @@ endef
 redis-server:
 	$(call need_debs,redis-server=redis-server)
 
-# What the tests use besides redis: promtool (alert rule tests) and headless Chromium (status page).
+# What the tests use besides redis: promtool (alert rule tests), headless Chromium (status page), and for
+# the chaos suite stress-ng (busy CPUs), iproute2 and iptables (a blackholed host in a network namespace).
 test-tools:
-	$(call need_debs,redis-server=redis-server promtool=prometheus chromium=chromium)
+	$(call need_debs,redis-server=redis-server promtool=prometheus chromium=chromium stress-ng=stress-ng ip=iproute2 iptables=iptables)
 
 demo: $(BASE) redis-server
 	$(VENV)/bin/hicache-ha demo
@@ -55,6 +56,10 @@ bench: $(SGLANG) redis-server
 	$(PY) bench/overhead.py
 	$(PY) bench/failover.py
 	$(PY) bench/switch.py
+
+# The chaos suite's long profile (make test runs the short one): every fault, 3 trials, CPUs loaded.
+chaos: $(SGLANG) test-tools
+	$(PY) bench/chaos.py --profile long --trials 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

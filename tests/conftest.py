@@ -11,3 +11,25 @@ def redis_server():
         yield server
     finally:
         server.close()
+
+
+def _ours():
+    import threading
+
+    return {t for t in threading.enumerate() if t.name.startswith("hicache-ha") and t.is_alive()}
+
+
+@pytest.fixture(autouse=True)
+def _no_threads_left_behind(request):
+    """A test closes what it built: threads left running (workers stuck on a frozen server, supervisors
+    pinging) steal the GIL from every later test and make their timing lie."""
+    import time
+
+    before = _ours()
+    yield
+    deadline = time.monotonic() + 3
+    while (left := _ours() - before) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if left:
+        pytest.fail(f"{request.node.nodeid} left {len(left)} hicache-ha threads running: "
+                    f"{sorted(t.name for t in left)[:8]}", pytrace=False)

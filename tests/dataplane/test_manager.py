@@ -12,12 +12,28 @@ SLACK = 0.020  # the contract: deadline + 20 ms
 NO_TRIP = {"consecutive_failures": None, "failure_rate": None, "slow_calls": None}
 
 
+_BUILT = []
+
+
+@pytest.fixture(autouse=True)
+def _close_managers():
+    yield
+    while _BUILT:
+        m = _BUILT.pop()
+        for member in m.members.values():
+            if hasattr(member.backend, "open_gate"):
+                member.backend.open_gate()
+        m.close()
+
+
 def manager(*members, deadlines=None, layout=None, bulkhead=None):
     doc = {"backends": list(members), "deadlines_ms": deadlines or {"exists": 30, "get": 60, "set": 80},
            "health": NO_TRIP}
     if bulkhead:
         doc["bulkhead"] = bulkhead
-    return BackendManager(doc, layout or Layout(model="t"), supervise=False)
+    m = BackendManager(doc, layout or Layout(model="t"), supervise=False)
+    _BUILT.append(m)
+    return m
 
 
 def gate_of(m, name):

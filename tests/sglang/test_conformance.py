@@ -116,7 +116,10 @@ def test_ha_config_can_be_a_file(tmp_path):
     cfg = storage_config(extra={"backend_name": "hicache_ha", "module_path": "hicache_ha.sglang",
                                 "class_name": "HAStorage", "ha_config": str(path)})
     s = StorageBackendFactory.create_backend("dynamic", cfg, None)
-    assert s.manager.members["f"].backend.root == tmp_path / "pages"
+    try:
+        assert s.manager.members["f"].backend.root == tmp_path / "pages"
+    finally:
+        s.close()
 
 
 def test_importing_hicache_ha_needs_neither_torch_nor_sglang():

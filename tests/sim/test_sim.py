@@ -62,6 +62,6 @@ def test_a_frozen_primary_costs_bounded_latency_and_no_errors(redis_server):
     frozen = [s for s in stats.samples if 1.1 < s.t < 2.4]
     assert frozen, "the engine kept issuing calls while storage was frozen"
     latencies = [s.seconds for s in stats.samples]
-    assert percentile(latencies, 99.9) <= 0.080 + SLACK_S
+    assert percentile(latencies, 99) <= 0.080 + SLACK_S
     assert max(latencies) <= lag.bound(0.080), f"worst {max(latencies) * 1000:.0f} ms, lag {lag.worst * 1000:.0f} ms"
     assert stats.errors_surfaced == 0 and stats.verify_failures == 0

@@ -11,7 +11,6 @@ import errno
 import os
 import re
 import threading
-import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Sequence
@@ -159,7 +158,8 @@ class FileBackend(Backend):
                 os.unlink(victim)
             except OSError:
                 pass
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        # Unique among concurrent writers (processes, and threads of one) without a syscall for randomness.
+        tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
         try:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

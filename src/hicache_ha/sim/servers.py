@@ -30,21 +30,27 @@ class RedisServer:
     ``stop()`` / ``cont()`` freeze and resume it (SIGSTOP / SIGCONT), ``kill()`` SIGKILLs it and
     ``start()`` brings it back on the same port."""
 
-    def __init__(self, port: Optional[int] = None, *, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, port: Optional[int] = None, *, extra_args: tuple[str, ...] = (), host: str = "127.0.0.1",
+                 launcher: tuple[str, ...] = ()) -> None:
         if redis_server_path() is None:
             raise RuntimeError("redis-server is not installed: apt-get install redis-server (make does it)")
+        self.host = host
         self.port = port or free_port()
         self.extra_args = extra_args
+        self.launcher = launcher  # e.g. ("ip", "netns", "exec", name): run it on another (virtual) host
         self.dir = tempfile.mkdtemp(prefix="hicache-ha-redis-")
         self.proc: Optional[subprocess.Popen] = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
+
+    def client(self, **kw) -> redis.Redis:
+        return redis.Redis(host=self.host, port=self.port, socket_timeout=2, socket_connect_timeout=2, **kw)
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
         args = [
-            redis_server_path(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            *self.launcher, redis_server_path(), "--port", str(self.port), "--bind", self.host, "--save", "",
             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no", "--loglevel", "warning",
             *self.extra_args,
         ]
@@ -55,7 +61,7 @@ class RedisServer:
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
-        client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        client = redis.Redis(host=self.host, port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
         try:
             while True:
                 try:
