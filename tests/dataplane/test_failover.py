@@ -189,3 +189,25 @@ def test_pings_stuck_behind_big_transfers_do_not_trip_a_busy_member(redis_server
         assert not events([m], to_state="circuit_broken")
     finally:
         m.close()
+
+
+def test_a_member_that_recovers_under_load_is_judged_by_its_own_trials_not_by_late_answers(redis_server):
+    """After SIGCONT, the calls stuck since the freeze all answer at once: they were admitted before the
+    trip, so they never count as trials of the recovery that follows."""
+    d = {"backends": [{"name": "primary", "type": "redis", "url": redis_server.url, "socket_timeout_ms": 5000}],
+         "deadlines_ms": {"exists": 50, "get": 200, "set": 300},
+         "health": {"backoff": {"base_ms": 300, "cap_ms": 1000}, "recovery": {"time_limit_ms": 3000}}}
+    managers = ranks(d)
+    try:
+        sim, t_stop = run(managers, redis_server.freeze, during=1.5)
+        t_thaw = time.time()
+        redis_server.thaw()
+        wait_for(lambda: all(m.active.state == "healthy" for m in managers), 1.0 + 3.0 + 1.0,
+                 "the primary did not come back within its backoff cap and recovery time limit")
+        stats = sim.finish()
+        after = [e for e in events(managers, backend="primary") if e.time >= t_thaw]
+        assert not [e for e in after if e.to_state == "circuit_broken" and "trial" in e.reason], after
+        assert stats.errors_surfaced == 0 and stats.verify_failures == 0
+    finally:
+        for m in managers:
+            m.close()

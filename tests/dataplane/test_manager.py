@@ -5,7 +5,7 @@ import pytest
 
 from hicache_ha.backends.envelope import HEADER_SIZE
 from hicache_ha.dataplane import BackendManager, DrainTimeout, Layout, PrepareRefused, UnknownBackend
-from tests.helpers import GATE
+from tests.helpers import GATE, GateBackend
 
 SLACK = 0.020  # the contract: deadline + 20 ms
 # These tests look at one call at a time: no detector trips, no background supervisor.
@@ -305,3 +305,71 @@ def test_get_into_delivers_every_good_page_on_time():
     got = {}
     assert m.get_into(["k", "missing", "j"], 10, lambda i, p: got.__setitem__(i, bytes(p))) == [True, False, True]
     assert got == {0: b"1" * 10, 2: b"2" * 10}
+
+
+def test_a_forced_switch_away_from_a_healthy_member_with_calls_in_flight_leaves_it_healthy():
+    doc = {"backends": [{"name": "g", "type": GATE}, {"name": "b", "type": "memory"}],
+           "deadlines_ms": {"exists": 5000, "get": 5000, "set": 5000}}
+    m = BackendManager(doc, Layout(model="t"))  # with its supervisor: results are judged as in production
+    _BUILT.append(m)
+    g = gate_of(m, "g")
+    g.close_gate()
+    callers = [threading.Thread(target=m.get, args=([f"k{i}"],)) for i in range(6)]
+    for t in callers:
+        t.start()
+    assert g.entered.wait(2)
+    m.commit(m.prepare("b"), force=True)
+    for t in callers:
+        t.join(2)
+    assert not any(t.is_alive() for t in callers)  # released at once: fenced
+    g.open_gate()
+    assert m.members["g"].bulkhead.wait_idle(5)
+    m.supervisor.step()
+    assert m.members["g"].state == "healthy"
+    assert m.members["g"].snapshot()["ops"]["get"].get("short_circuited") == 6  # ignored, not failures
+
+
+class SlowMemory(GateBackend):
+    """Answers everything, 5 ms a call: a healthy member that a burst can still fill."""
+
+    def _pass(self):
+        time.sleep(0.005)
+
+
+def test_a_failover_burst_at_full_load_never_trips_the_healthy_standby():
+    doc = {"backends": [{"name": "g", "type": GATE}, {"name": "s", "type": "tests.dataplane.test_manager:SlowMemory",
+                                                     "max_concurrent": 1}],
+           "bulkhead": {"max_concurrent": 4, "queue": 0},
+           "deadlines_ms": {"exists": 30, "get": 60, "set": 80}}
+    m = BackendManager(doc, Layout(model="t"))
+    _BUILT.append(m)
+    gate_of(m, "g").close_gate()
+    stop = threading.Event()
+
+    def engine():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            m.exists([f"k{i}"])
+            m.set([f"k{i}"], [b"v"])
+            m.get([f"k{i}"])
+
+    threads = [threading.Thread(target=engine) for _ in range(8)]  # far more than the standby's one worker
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 5
+        while m.active.name != "s":
+            assert time.monotonic() < deadline, "no failover"
+            time.sleep(0.01)
+        time.sleep(1.5)  # the burst, at full load
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+    standby = m.members["s"].snapshot()
+    assert standby["state"] == "healthy", m.snapshot()["events"]
+    assert standby["transitions"].get("circuit_broken", 0) == 0
+    refused = sum(ops.get("short_circuited", 0) for ops in standby["ops"].values())
+    served = sum(ops.get("ok", 0) for ops in standby["ops"].values())
+    assert refused > 0 and served > 0  # the burst did overflow its bulkhead, and it served all the same

@@ -7,14 +7,16 @@ raises: failures become the caller's failure values.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from ..config import Deadlines
 from ..health.outcomes import Outcome
-from .enginelog import engine_log
 from .member import Member, Sink
+
+log = logging.getLogger("hicache_ha.dataplane")
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class DataPath:
         try:
             items = member.prepare_values(skeys, values)
         except (TypeError, ValueError) as exc:  # not a buffer: the caller's bug, not the backend's
-            engine_log.error("hicache-ha: set of %d pages: values are not buffers: %s", n, exc)
+            log.error("hicache-ha: set of %d pages: values are not buffers: %s", n, exc)
             self._count("unrouted_writes", n)
             return [False] * n
         outcome, _ = member.call("set", self.deadlines["set"], member.set_job, skeys, items)

@@ -25,9 +25,8 @@ from ..backends.base import BackendContext
 from ..backends.errors import ConfigError
 from ..config import HAConfig, load, parse
 from ..control.service import attach_control_plane
-from ..observe.logs import use_json_if_asked
+from ..observe.logs import queue_logging
 from ..dataplane import BackendManager, Layout
-from ..dataplane.enginelog import engine_log
 
 log = logging.getLogger("hicache_ha.sglang")
 
@@ -60,7 +59,7 @@ def _never_raises(failure: Callable[..., Any]):
             try:
                 return method(self, *args, **kwargs)
             except Exception:
-                engine_log.exception("hicache-ha: %s failed; the engine gets its failure value", method.__name__)
+                log.exception("hicache-ha: %s failed; the engine gets its failure value", method.__name__)
                 return failure(*args, **kwargs)
 
         return guarded
@@ -91,7 +90,7 @@ class HAStorage(HiCacheStorage):
     """One rank's HiCache L3 storage with deadlines, integrity, failover and switchover."""
 
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None) -> None:
-        use_json_if_asked()
+        queue_logging()  # no hicache-ha thread, engine or supervisor, ever waits on the host's log handlers
         self.storage_config = storage_config
         self.mem_pool_host = None
         self.config = resolve_config(storage_config.extra_config)
