@@ -18,13 +18,16 @@ $(BASE): pyproject.toml | $(PY)
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
-# The real SGLang interface on a CPU machine: torch's CPU build, the sglang wheel without its GPU
-# dependencies, and the CPU-side packages it imports (see REFERENCE.md).
-$(SGLANG): $(BASE)
+# SGLang's real code on a CPU machine (see REFERENCE.md): torch's CPU build, the sglang wheel without its
+# GPU dependencies, the CPU-side packages its storage interface, host pools and cache controllers import;
+# compressed-tensors without its dependencies (they would pull a CUDA torch), and a torchvision stand-in
+# (PyPI's torchvision is built for CUDA and fails to import beside torch's CPU build).
+$(SGLANG): $(BASE) tests/stubs/torchvision/pyproject.toml
 	$(PIP) install -q 'torch==2.13.0'
 	$(PIP) install -q --no-deps 'sglang==0.5.23'
-	$(PIP) install -q -e '.[dev,sglang-cpu]'
-	$(PY) -c "import sglang.srt.mem_cache.storage.backend_factory"
+	$(PIP) install -q -e '.[dev,test-sglang-cpu]'
+	$(PIP) install -q --no-deps 'compressed-tensors==0.18.0' ./tests/stubs/torchvision
+	$(PY) -W ignore -c "import sglang.srt.managers.cache_controller, sglang.srt.mem_cache.pool_host.mha, sglang.srt.mem_cache.hybrid_cache.hybrid_cache_controller, sglang.srt.mem_cache.unified_radix_cache"
 	touch $@
 
 install: $(BASE)

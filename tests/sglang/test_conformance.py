@@ -13,7 +13,7 @@ from hicache_ha.backends.errors import ConfigError
 from hicache_ha.sglang import HAStorage
 
 from tests.sglang.conftest import build, storage_config
-from tests.sglang.hostpool import CpuHostPool
+from tests.sglang.realpools import fill, mha_pool, pages_at
 
 KINDS = ["sglang-file-baseline", "ha-sglang-file", "ha-redis", "ha-file"]
 
@@ -84,18 +84,17 @@ def test_tp_ranks_0_and_1_of_a_two_rank_config_are_built_by_sglang(tmp_path):
 
 
 def test_v1_moves_pages_between_the_host_pool_and_storage(tmp_path):
-    pool = CpuHostPool()
-    pool.fill_random()
+    pool = mha_pool("page_first", torch.bfloat16)
     s = build({"backends": [{"name": "f", "type": "file", "path": str(tmp_path)}]}, pool=pool)
     keys = ["v1-a", "v1-b", "v1-c"]
-    assert s.batch_set_v1(keys, pool.host_indices([3, 4, 5])) == [True, True, True]
-    expected = pool.kv_buffer[3:6].clone()
-    pool.kv_buffer.zero_()
-    assert s.batch_get_v1(keys + ["v1-missing"], pool.host_indices([0, 1, 2, 6])) == [True, True, True, False]
-    assert torch.equal(pool.kv_buffer[0:3], expected)
-    assert s.manager.layout.dtype == "bfloat16" and s.manager.layout.page_bytes == 2 * 16 * 256
-    assert s.get_stats()["backends"][0]["ops"]["get"]["ok"] == 1
-    s.close()
+    written = pool.alloc(3 * pool.page_size)
+    expected = fill(pool, written, seed=4)
+    assert s.batch_set_v1(keys, written) == [True, True, True]
+    target = pool.alloc(4 * pool.page_size)
+    assert s.batch_get_v1(keys + ["v1-missing"], target) == [True, True, True, False]
+    assert pages_at(pool, target)[:3] == expected
+    assert s.manager.layout.dtype == "bfloat16" and s.manager.layout.page_bytes == 2 * 2 * 4 * 2 * 8 * 2
+    assert s.ha_status()["backends"][0]["ops"]["get"]["ok"] == 1
 
 
 def test_an_invalid_ha_config_fails_at_startup_with_the_field_named():

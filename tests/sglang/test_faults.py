@@ -7,7 +7,7 @@ import torch
 
 from tests.helpers import GATE
 from tests.sglang.conftest import build
-from tests.sglang.hostpool import CpuHostPool
+from tests.sglang.realpools import fill, mha_pool
 
 SLACK_S = 0.020
 
@@ -30,20 +30,6 @@ def test_a_read_that_finishes_after_its_deadline_never_touches_engine_memory(fas
     assert s.get("k", target) is not None and torch.equal(target, page(7))
 
 
-def test_an_abandoned_v1_read_never_touches_the_host_pool(fast_deadlines):
-    pool = CpuHostPool()
-    pool.fill_random()
-    s = build({"backends": [{"name": "g", "type": GATE}], "deadlines_ms": fast_deadlines}, pool=pool)
-    assert s.batch_set_v1(["a", "b"], pool.host_indices([0, 1])) == [True, True]
-    pool.kv_buffer.zero_()
-    gate = s.manager.members["g"].backend
-    gate.close_gate()
-    assert s.batch_get_v1(["a", "b"], pool.host_indices([2, 3])) == [False, False]
-    gate.open_gate()
-    assert s.manager.members["g"].bulkhead.wait_idle(5)
-    assert torch.count_nonzero(pool.kv_buffer) == 0
-
-
 def test_a_page_of_tp_rank_0_is_never_served_to_another_layout(tmp_path):
     shared = {"backends": [{"name": "f", "type": "file", "path": str(tmp_path)}]}
     r0 = build(shared, tp_rank=0, tp_size=2)
@@ -52,11 +38,12 @@ def test_a_page_of_tp_rank_0_is_never_served_to_another_layout(tmp_path):
                   build(shared, tp_rank=0, tp_size=2, model="other/model")):
         assert other.get("k", torch.zeros(4096, dtype=torch.bfloat16)) is None
         assert other.batch_exists(["k"]) == 0
-    pool_a, pool_b = CpuHostPool(dtype=torch.bfloat16), CpuHostPool(dtype=torch.float16)
+    # Same bytes per page, another dtype, on SGLang's real pools (more in test_host_pools.py).
+    pool_a, pool_b = mha_pool(dtype=torch.bfloat16), mha_pool(dtype=torch.float16)
     a, b = build(shared, pool=pool_a), build(shared, pool=pool_b)
-    pool_a.fill_random()
-    a.batch_set_v1(["p"], pool_a.host_indices([0]))
-    assert b.batch_get_v1(["p"], pool_b.host_indices([0])) == [False]  # same bytes per page, other dtype
+    fill(pool_a, slots := pool_a.alloc(pool_a.page_size), seed=1)
+    assert a.batch_set_v1(["p"], slots) == [True]
+    assert b.batch_get_v1(["p"], pool_b.alloc(pool_b.page_size)) == [False]
 
 
 def test_mla_pages_are_shared_across_tp_ranks_and_written_by_the_writer_only(tmp_path):
@@ -78,7 +65,7 @@ def test_a_page_altered_on_disk_is_a_miss_and_counted_corrupt(tmp_path):
         f.seek(1000)
         f.write(bytes([byte[0] ^ 0x01]))
     assert s.get("k", torch.zeros(4096, dtype=torch.bfloat16)) is None
-    snap = s.get_stats()["backends"][0]
+    snap = s.ha_status()["backends"][0]
     assert snap["corrupt_pages"] == 1 and snap["ops"]["get"]["corrupt"] == 1
 
 

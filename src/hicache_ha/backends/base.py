@@ -68,6 +68,10 @@ class Backend(ABC):
     def exists(self, keys: Sequence[str]) -> int:
         """Return how many of the leading ``keys`` are present (stop at the first missing one)."""
 
+    def exists_each(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each key is stored (hybrid models ask about every page of every pool)."""
+        return [self.exists([k]) == 1 for k in keys]
+
     @abstractmethod
     def get(self, keys: Sequence[str], nbytes: Optional[int] = None) -> list:
         """Return one buffer per key (bytes-like, owned by the caller from now on), ``None`` for a miss.
@@ -77,7 +81,8 @@ class Backend(ABC):
 
     @abstractmethod
     def set(self, keys: Sequence[str], values: Sequence[Any]) -> None:
-        """Store every page; raise on failure. ``values`` are buffers or (header, payload) pairs."""
+        """Store every page; raise on failure. ``values`` are buffers, or tuples of buffers (the
+        envelope's header, then the page's pieces) to be stored as their concatenation."""
 
     def probe(self) -> None:
         """One round trip that proves the backend serves: write, read back and verify a canary."""
@@ -111,7 +116,7 @@ class Backend(ABC):
 
 
 def join_parts(value: Any) -> Any:
-    """Flatten a (header, payload) pair into one bytes object; pass plain buffers through."""
+    """Flatten a tuple of buffers (header, pieces...) into one bytes object; pass plain buffers through."""
     if isinstance(value, tuple):
         return b"".join(value)
     return value

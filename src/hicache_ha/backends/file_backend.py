@@ -123,13 +123,21 @@ class FileBackend(Backend):
     # -- the contract -----------------------------------------------------------------------------
     def exists(self, keys: Sequence[str]) -> int:
         for i, key in enumerate(keys):
-            try:
-                os.stat(self._path(key))
-            except FileNotFoundError:
+            if not self._stat(key):
                 return i
-            except OSError as exc:
-                raise self._error(exc, "stat") from exc
         return len(keys)
+
+    def exists_each(self, keys: Sequence[str]) -> list[bool]:
+        return [self._stat(key) for key in keys]
+
+    def _stat(self, key: str) -> bool:
+        try:
+            os.stat(self._path(key))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise self._error(exc, "stat") from exc
+        return True
 
     def get(self, keys: Sequence[str], nbytes: Optional[int] = None) -> list:
         out: list = []

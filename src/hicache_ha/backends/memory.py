@@ -52,6 +52,10 @@ class MemoryBackend(Backend):
                 return i
         return len(keys)
 
+    def exists_each(self, keys: Sequence[str]) -> list[bool]:
+        pages = self._store.pages
+        return [key in pages for key in keys]
+
     def get(self, keys: Sequence[str], nbytes: Optional[int] = None) -> list:
         store = self._store
         out = []

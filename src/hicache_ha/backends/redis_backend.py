@@ -171,17 +171,17 @@ class RedisBackend(Backend):
         return None
 
     def exists(self, keys: Sequence[str]) -> int:
+        found = self.exists_each(keys)
+        return found.index(False) if False in found else len(found)
+
+    def exists_each(self, keys: Sequence[str]) -> list[bool]:
         try:
             pipe = self.client.pipeline(transaction=False)
             for key in keys:
                 pipe.exists(key)
-            found = pipe.execute()
+            return [bool(hit) for hit in pipe.execute()]
         except redis.exceptions.RedisError as exc:
             raise map_redis_error(exc, self.name) from exc
-        for i, hit in enumerate(found):
-            if not hit:
-                return i
-        return len(keys)
 
     def get(self, keys: Sequence[str], nbytes: Optional[int] = None) -> list:
         if not keys:

@@ -58,13 +58,15 @@ class SGLangBackend(Backend):
             storage.register_mem_pool_host(context.mem_pool_host)
         return cls(config, storage, context)
 
-    def _page_bytes(self, nbytes: Optional[int]) -> int:
+    def _page_sizes(self, nbytes, n: int) -> list[int]:
+        if isinstance(nbytes, (list, tuple)):
+            return list(nbytes)
         if nbytes is not None:
-            return nbytes
+            return [nbytes] * n
         pool = self._context.mem_pool_host
         if pool is not None:
             page = pool.get_dummy_flat_data_page()
-            return page.numel() * page.element_size()
+            return [page.numel() * page.element_size()] * n
         raise BackendError(f"backend {self.name!r}: page size unknown (no host pool registered)", backend=self.name)
 
     def _call(self, what: str, fn, *args):
@@ -78,10 +80,9 @@ class SGLangBackend(Backend):
     def exists(self, keys: Sequence[str]) -> int:
         return int(self._call("batch_exists", self.storage.batch_exists, list(keys)))
 
-    def get(self, keys: Sequence[str], nbytes: Optional[int] = None) -> list:
-        size = self._page_bytes(nbytes)
+    def get(self, keys: Sequence[str], nbytes=None) -> list:
         torch = self._torch
-        targets = [torch.empty(size, dtype=torch.uint8) for _ in keys]
+        targets = [torch.empty(size, dtype=torch.uint8) for size in self._page_sizes(nbytes, len(keys))]
         got = self._call("batch_get", self.storage.batch_get, list(keys), targets)
         if not isinstance(got, list):
             return [None] * len(keys)

@@ -1,8 +1,10 @@
 """The page layout a rank reads and writes, and the fingerprint that keys carry.
 
-A page is only ever served to the layout it was written under. SGLang's sharing rule is kept: MLA KV is
-replicated across TP (and DP) ranks, so its pages are shared by the group and written by one rank;
-TP-sharded KV gets a key per TP rank (and per DP rank, conservatively).
+A page is only ever served to the layout it was written under: the rank's identity (model, TP / PP /
+DP / CP / DCP) and the pool's geometry (which pool, its memory layout, dtype, page size in tokens and
+bytes). SGLang's sharing rules are kept: MLA KV is replicated across TP (and DP) ranks, so its pages
+are shared by the group and written by one rank; TP-sharded state gets a key per TP rank (and per DP
+rank, conservatively), and Mamba state is TP-sharded even in an MLA model.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from hashlib import blake2b
 from typing import Any, Optional
+
+KV = "kv"
+TP_SHARDED_POOLS = frozenset({"mamba"})  # per TP rank even when the model's KV is replicated (MLA)
 
 
 @dataclass(frozen=True)
@@ -25,14 +30,21 @@ class Layout:
     dcp_rank: int = 0
     dcp_size: int = 1
     is_mla: bool = False
+    pool: str = KV  # which of SGLang's host pools (kv, mamba, swa, indexer, ...)
+    mem_layout: Optional[str] = None  # the host pool's layout: page_first, layer_first, page_first_direct
     page_size: Optional[int] = None  # tokens per page
     dtype: Optional[str] = None
     page_bytes: Optional[int] = None
 
     @property
+    def shared(self) -> bool:
+        """Pages replicated across the TP group: one copy, one writer."""
+        return self.is_mla and self.pool not in TP_SHARDED_POOLS
+
+    @property
     def is_storage_writer(self) -> bool:
-        """MLA pages have one writer per group (as SGLang's ``is_storage_writer``); others: every rank."""
-        return not self.is_mla or self.tp_rank == self.dcp_rank
+        """Shared pages have one writer per group (SGLang's ``is_storage_writer``); others: every rank."""
+        return not self.shared or self.tp_rank == self.dcp_rank
 
     @property
     def rank(self) -> int:
@@ -49,7 +61,7 @@ class Layout:
     def identity(self) -> dict:
         """The fields that decide which pages this rank may read."""
         fields = asdict(self)
-        if self.is_mla:  # replicated across the TP group (and DP replicas): one shared page
+        if self.shared:  # replicated across the TP group (and DP replicas): one shared page
             for name in ("tp_rank", "tp_size", "dp_rank"):
                 fields.pop(name)
         return fields
@@ -58,15 +70,13 @@ class Layout:
         blob = repr(sorted(self.identity().items())).encode()
         return blake2b(blob, digest_size=8).hexdigest()
 
+    def for_pool(self, name: str, pool: Any) -> "Layout":
+        """This rank's layout for one of SGLang's host pools, with that pool's geometry."""
+        return replace(self, pool=str(getattr(name, "value", name)), **pool_geometry(pool))
+
     def with_host_pool(self, pool: Any) -> "Layout":
-        """This layout completed with what the host pool knows: tokens per page, dtype, page bytes."""
-        page = pool.get_dummy_flat_data_page()
-        return replace(
-            self,
-            page_size=int(getattr(pool, "page_size", 0)) or self.page_size,
-            dtype=str(getattr(pool, "dtype", page.dtype)).removeprefix("torch."),
-            page_bytes=page.numel() * page.element_size(),
-        )
+        """The KV layout completed with what the host pool knows."""
+        return self.for_pool(KV, pool)
 
     @classmethod
     def from_storage_config(cls, cfg: Any) -> "Layout":
@@ -86,3 +96,17 @@ class Layout:
             is_mla=bool(cfg.is_mla_model),
             page_size=getattr(cfg, "logical_page_size", None),
         )
+
+
+def pool_geometry(pool: Any) -> dict:
+    """What makes a host pool's pages readable by another pool: layout, dtype, tokens and bytes per page.
+    The dtype is the flat page's (an fp8 pool stores uint8; a Mamba pool's pages are bytes)."""
+    page = pool.get_dummy_flat_data_page()
+    layout = getattr(pool, "layout", None)
+    page_size = getattr(pool, "page_size", None)
+    return {
+        "mem_layout": layout if isinstance(layout, str) else None,
+        "page_size": page_size if isinstance(page_size, int) else None,
+        "dtype": str(page.dtype).removeprefix("torch."),
+        "page_bytes": page.numel() * page.element_size(),
+    }

@@ -20,7 +20,7 @@ from ..backends.base import BackendConfig, BackendContext
 from ..backends.errors import ConfigError
 from ..config import HAConfig, parse
 from ..health.breaker import CIRCUIT_BROKEN, DETACHED, Transition
-from .datapath import DataPath, Route
+from .datapath import DataPath, Namespace, Route
 from .events import EventLog
 from .layout import Layout
 from .member import Member, Sink
@@ -46,8 +46,8 @@ class BackendManager:
         for spec in self.config.backends:
             self.members[spec.name] = self._build(spec)
         first = self.members[self.config.backends[0].name]
-        self.path = DataPath(Route(1, first), self.config.deadlines_ms, self._key_prefix(),
-                             self.layout.is_storage_writer)
+        self.path = DataPath(Route(1, first), self.config.deadlines_ms)
+        self.kv = self.namespace(self.layout)  # the KV pool's pages of this rank
         self.switcher = Switcher(self.path, self.members, self._build, self.events,
                                  self.config.health.recovery.probe_timeout_ms / 1000, self.supervisor.wake)
         # Who carries out a failover the supervisor decided on. A control plane replaces it so that all
@@ -80,18 +80,18 @@ class BackendManager:
                 t.from_state, t.to_state, t.reason)
         self.supervisor.wake()
 
-    def _key_prefix(self) -> str:
-        return f"{self.config.key_prefix}-{self.layout.fingerprint()}-"
+    def namespace(self, layout: Layout) -> Namespace:
+        """Where pages of ``layout`` (this rank, one pool) live: ``<key_prefix>-<fingerprint>-<page key>``."""
+        return Namespace(f"{self.config.key_prefix}-{layout.fingerprint()}-", layout.is_storage_writer)
 
     def set_layout(self, layout: Layout) -> None:
         """Complete the layout (SGLang registers the host pool after construction)."""
         self.layout = layout
         self.events.rank = layout.rank
-        self.path.prefix = self._key_prefix()
-        self.path.is_storage_writer = layout.is_storage_writer
+        self.kv = self.namespace(layout)
 
     def storage_key(self, key: str) -> str:
-        return self.path.prefix + key
+        return self.kv.prefix + key
 
     # -- the rank, as its supervisor sees it (SupervisedRank) ---------------------------------------
     def all_members(self) -> list[Member]:
@@ -106,21 +106,24 @@ class BackendManager:
     def note(self, member: Member, reason: str, **detail) -> None:
         self.events.emit(member.name, member.state, member.state, reason, **detail)
 
-    # -- the engine path ----------------------------------------------------------------------------
+    # -- the engine path, for the KV pool (HAStorage names other pools' pages itself) ------------------
     def exists(self, keys: Sequence[str]) -> int:
-        return self.path.exists(keys)
+        return self.path.exists(self.kv.keys(keys))
 
     def get(self, keys: Sequence[str], nbytes: Optional[int] = None) -> list:
-        return self.path.read(keys, nbytes)
+        return self.path.read(self.kv.keys(keys), nbytes)
 
     def get_into(self, keys: Sequence[str], nbytes: Optional[int], sink: Sink) -> list[bool]:
-        return self.path.read(keys, nbytes, sink)
+        return self.path.read(self.kv.keys(keys), nbytes, sink)
 
     def set(self, keys: Sequence[str], values: Sequence[Any]) -> list[bool]:
-        return self.path.set(keys, values)
+        if not self.kv.writer:  # MLA: another rank of the group writes the shared page
+            return [True] * len(keys)
+        return self.path.set(self.kv.keys(keys), values)
 
-    def clear(self) -> bool:
-        return self.path.clear()
+    def clear(self, prefixes: Optional[Sequence[str]] = None) -> bool:
+        """Remove this rank's pages (the KV pool's, or those under ``prefixes``) from the active member."""
+        return self.path.clear(prefixes or [self.kv.prefix])
 
     # -- switch steps -------------------------------------------------------------------------------
     def prepare(self, target: Union[str, BackendConfig, dict], *, probe_deadline_s: Optional[float] = None) -> Prepared:

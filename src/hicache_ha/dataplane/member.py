@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from ..backends.base import Backend, BackendConfig
 from ..backends.envelope import open_page, seal
@@ -46,19 +46,20 @@ class Result(NamedTuple):
     error: Optional[BaseException]
 
 
-class _RateLimitedLog:
-    """Log the first failure of each kind per member, then at most one line every ``every`` seconds."""
+class RateLimitedLog:
+    """Log the first failure of each kind, then at most one line per kind every ``every`` seconds."""
 
-    def __init__(self, every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, logger: logging.Logger, every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._logger = logger
         self._last: dict[tuple, float] = {}
         self._every = every
         self._clock = clock
 
-    def warn(self, key: tuple, msg: str, *args: Any) -> None:
+    def warn(self, key: tuple, msg: str, *args: Any, **kwargs: Any) -> None:
         now = self._clock()
         if now - self._last.get(key, -1e18) >= self._every:
             self._last[key] = now
-            log.warning(msg, *args)
+            self._logger.warning(msg, *args, **kwargs)
 
 
 def breaker_from_config(cfg: HealthConfig, now: float) -> Breaker:
@@ -103,7 +104,7 @@ class Member:
         # Called (from an engine thread) when a result may change the breaker: a failure, or any result
         # while not healthy. The rank's supervisor sets it to its wake-up.
         self.on_news: Callable[[], None] = lambda: None
-        self._log = _RateLimitedLog(clock=clock)
+        self._log = RateLimitedLog(log, clock=clock)
 
     @property
     def state(self) -> str:
@@ -173,10 +174,13 @@ class Member:
     def exists_job(self, call: Call, keys: Sequence[str]) -> int:
         return self.backend.exists(keys)
 
+    def exists_each_job(self, call: Call, keys: Sequence[str]) -> list[bool]:
+        return self.backend.exists_each(keys)
+
     def set_job(self, call: Call, keys: Sequence[str], items: Sequence[Any]) -> None:
         self.backend.set(keys, items)
 
-    def read_job(self, call: Call, keys: Sequence[str], nbytes: Optional[int],
+    def read_job(self, call: Call, keys: Sequence[str], nbytes: Union[int, Sequence[int], None],
                  sink: Optional[Sink]) -> tuple[list, int]:
         """Fetch pages and check each one (envelope, size) in one pass. With a ``sink``, each good page
         is written into the caller's memory here, on the worker that read it, under a claim on the
@@ -184,14 +188,16 @@ class Member:
         key with a sink, else one page or None per key; the number of corrupt pages)."""
         blobs = self.backend.get(keys, nbytes)
         out: list = [False if sink else None] * len(keys)
+        sizes = nbytes if isinstance(nbytes, (list, tuple)) else None
         corrupt = 0
         for i, (key, blob) in enumerate(zip(keys, blobs)):
             if blob is None:
                 continue
+            expected = sizes[i] if sizes is not None else nbytes
             try:
                 page = open_page(key, blob) if self.envelope else memoryview(blob)
-                if nbytes is not None and page.nbytes != nbytes:
-                    raise CorruptPage(f"page {key!r}: {page.nbytes} bytes, this layout expects {nbytes}")
+                if expected is not None and page.nbytes != expected:
+                    raise CorruptPage(f"page {key!r}: {page.nbytes} bytes, this layout expects {expected}")
             except CorruptPage as exc:
                 corrupt += 1
                 self._log.warn(("get", "corrupt"), "hicache-ha: get on %r: %s", self.name, exc)
@@ -214,8 +220,8 @@ class Member:
         reused that memory by then, the stored page fails its checksum and reads as a miss. Without an
         envelope the page is copied now, so a late worker never reads reused memory."""
         if self.envelope:
-            return [(seal(k, v), v) for k, v in zip(keys, values)]
-        return [bytearray(v) for v in values]
+            return [(seal(k, v), *v) if isinstance(v, tuple) else (seal(k, v), v) for k, v in zip(keys, values)]
+        return [bytearray(b"".join(v)) if isinstance(v, tuple) else bytearray(v) for v in values]
 
     # -- the background path ------------------------------------------------------------------------
     def drain(self) -> bool:

@@ -1,0 +1,1 @@
+from torchvision._placeholders import InterpolationMode, module_getattr as __getattr__  # noqa: F401
