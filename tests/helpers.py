@@ -44,6 +44,10 @@ class GateBackend(MemoryBackend):
         self._pass()
         return super().exists(keys)
 
+    def exists_each(self, keys):
+        self._pass()
+        return super().exists_each(keys)
+
     def get(self, keys, nbytes=None):
         self._pass()
         return super().get(keys, nbytes)

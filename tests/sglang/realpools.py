@@ -14,14 +14,19 @@ LAYOUTS = ("page_first", "layer_first", "page_first_direct")
 DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
 
 
-def mha_pool(layout: str = "page_first", dtype: torch.dtype = torch.bfloat16, *, tokens: int = 64,
-             page: int = PAGE, heads: int = 2, head_dim: int = 8, layers: int = 2):
+def mha_pools(layout: str = "page_first", dtype: torch.dtype = torch.bfloat16, *, tokens: int = 64,
+              page: int = PAGE, heads: int = 2, head_dim: int = 8, layers: int = 2):
+    """(device pool, host pool)."""
     dev = MHATokenToKVPool(size=tokens, page_size=page, dtype=dtype, head_num=heads, head_dim=head_dim,
                            layer_num=layers, device="cpu", enable_memory_saver=False)
     info = dev.get_device_pool_infos()[0].buffer_info
-    return get_mha_host_pool_cls(info)(info, 2.0, 0, page, layout, pin_memory=False, device="cpu",
-                                       device_capacity_tokens=dev.size, start_layer=dev.start_layer,
-                                       end_layer=dev.end_layer)
+    return dev, get_mha_host_pool_cls(info)(info, 2.0, 0, page, layout, pin_memory=False, device="cpu",
+                                            device_capacity_tokens=dev.size, start_layer=dev.start_layer,
+                                            end_layer=dev.end_layer)
+
+
+def mha_pool(layout: str = "page_first", dtype: torch.dtype = torch.bfloat16, **kw):
+    return mha_pools(layout, dtype, **kw)[1]
 
 
 def mla_pool(layout: str = "page_first", dtype: torch.dtype = torch.bfloat16, *, tokens: int = 64,

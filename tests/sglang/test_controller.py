@@ -1,5 +1,6 @@
-"""SGLang 0.5.23's real HiCacheController, TP = 2 ranks over gloo, driving HAStorage while its redis
-member is frozen (SIGSTOP) for 6 s mid-run, with ``interface_v1`` off and on; and an MLA model, whose
+"""SGLang 0.5.23's real cache controllers, TP = 2 ranks over gloo, driving HAStorage while its redis
+member is frozen (SIGSTOP) for 6 s mid-run: HiCacheController with ``interface_v1`` off and on, and
+HybridCacheController with an SWA state pool and an indexer pool (the v2 calls); and an MLA model, whose
 pages one rank writes and both ranks read. What SGLang's own threads see is what is checked."""
 
 import multiprocessing as mp
@@ -12,8 +13,8 @@ from hicache_ha.sim.lag import SLACK_S
 from hicache_ha.sim.servers import RedisServer
 
 DEADLINES = {"exists": 50, "get": 300, "set": 500}
-OP_DEADLINE = {"batch_exists": "exists", "batch_get": "get", "batch_get_v1": "get", "batch_set": "set",
-               "batch_set_v1": "set"}
+OP_DEADLINE = {"batch_exists": "exists", "batch_exists_v2": "exists", "batch_get": "get", "batch_get_v1": "get",
+               "batch_get_v2": "get", "batch_set": "set", "batch_set_v1": "set", "batch_set_v2": "set"}
 FREEZE_S, AFTER_S = 6.0, 6.0
 
 
@@ -33,10 +34,11 @@ def ha(primary_url: str, standby: str) -> dict:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Both ranks, every variant, in one spawn (importing SGLang costs tens of seconds per process)."""
-    servers = {name: RedisServer().start() for name in ("v1-off", "v1-on", "mla")}
+    servers = {name: RedisServer().start() for name in ("v1-off", "v1-on", "hybrid", "mla")}
     variants = [
         {"name": "v1-off", "interface_v1": 0, "fault": True},
         {"name": "v1-on", "interface_v1": 1, "fault": True},
+        {"name": "hybrid", "interface_v1": 1, "hybrid": True, "fault": True},
         {"name": "mla", "interface_v1": 1, "mla": True, "fault": False},
     ]
     for v in variants:
@@ -85,7 +87,7 @@ def calls_within(result, t0, t1):
     return [c for c in result["calls"] if t0 <= c[1] <= t1]
 
 
-@pytest.mark.parametrize("variant,interface", [("v1-off", "legacy"), ("v1-on", "v1")])
+@pytest.mark.parametrize("variant,interface", [("v1-off", "legacy"), ("v1-on", "v1"), ("hybrid", "v1")])
 def test_a_frozen_redis_member_never_stalls_sglangs_controller_and_it_recovers(run, variant, interface):
     out, timeline = run
     t = timeline[variant]
@@ -109,6 +111,9 @@ def test_a_frozen_redis_member_never_stalls_sglangs_controller_and_it_recovers(r
             assert again and again[0]["t1"] - since <= 5.0, f"rank {rank}: nothing complete within 5 s of {since}"
         assert r["active"] == "standby"  # failed over, and failback is manual by default
         assert any(e["to"] == "circuit_broken" and e["backend"] == "primary" for e in r["events"])
+        if variant == "hybrid":  # SGLang's v2 calls, for the SWA state and the indexer pages
+            assert {"batch_exists_v2", "batch_get_v2", "batch_set_v2"} <= {c[0] for c in r["calls"]}
+            assert all(it["swa_loaded"] for it in before)
 
 
 def test_mla_pages_written_by_one_rank_are_loaded_by_both_through_sglangs_controller(run):
