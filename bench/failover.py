@@ -1,12 +1,17 @@
-"""Failover under simulator traffic: detection and fault → standby serving, against the unprotected baseline.
+"""Failover: detection and fault → standby serving, against the unprotected baseline, on two engines.
 
-Each trial: a fresh redis-server primary and a file standby, two engine ranks running the simulated
-HiCache traffic, then a fault on the primary (SIGKILL, or SIGSTOP = hang). For hicache-ha it reports the
-time from the fault to ``circuit_broken`` and to the standby serving (the active pointer moved), the
-engine-visible latency during the fault, and errors that reached the engine. The baseline runs the
-same traffic with the engine calling redis-py directly (no deadline, no breaker, no standby).
+Each trial: a fresh redis-server primary and a file standby, two engine ranks, then a fault on the
+primary (SIGKILL, or SIGSTOP = hang). For hicache-ha it reports the time from the fault to
+``circuit_broken`` and to the standby serving (the active pointer moved on every rank), the
+engine-visible latency of storage calls during the fault, and errors that reached the engine. The
+baseline runs the same traffic calling redis-py directly (no deadline, no breaker, no standby).
 
-Usage: python bench/failover.py [--trials 20] [--baseline-trials 3] [--json out/failover.json]
+Engines: ``sim`` (the simulator: 64 KiB pages, the multi-turn workload) and ``sglang`` (SGLang 0.5.23's
+own HiCacheController, its prefetch and backup threads and gloo all-reduce, on CPU: see
+hicache_ha.sim.sglang_engine). Both in one run, side by side.
+
+Usage: python bench/failover.py [--trials 20] [--baseline-trials 3] [--sglang-trials 5] [--engines sim,sglang]
+                                [--json out/failover.json]
 """
 
 from __future__ import annotations
@@ -86,6 +91,50 @@ def baseline_trial(fault: str, seed: int) -> dict:
                 "bad_pages": stats.verify_failures}
 
 
+def sglang_trials(fault: str, trials: int, *, baseline: bool = False) -> list[dict]:
+    """``trials`` trials on SGLang's real controller, in one spawn of the two rank processes."""
+    from hicache_ha.sim.sglang_baseline import DYNAMIC_BASELINE
+    from hicache_ha.sim.sglang_engine import EngineSpec, SGLangEngine, ha_spec
+
+    servers = [RedisServer().start() for _ in range(trials)]
+    with tempfile.TemporaryDirectory() as standby:
+        specs = [EngineSpec(f"t{i}", {**DYNAMIC_BASELINE, "interface_v1": 1, "redis_url": srv.url}) if baseline else
+                 ha_spec(f"t{i}", {**config(srv.url, f"{standby}/{i}"), "admin": {"mode": "off"}})
+                 for i, srv in enumerate(servers)]
+        engine = SGLangEngine(specs).start()
+        faults = []
+        try:
+            for spec, server in zip(specs, servers):
+                assert engine.wait_ready(spec.name), "the SGLang ranks did not start"
+                time.sleep(STEADY_S)
+                faults.append((time.time(), time.monotonic()))
+                inject(server, fault)
+                time.sleep(FAULT_S)
+                server.thaw()  # a hung baseline call returns only now: its latency is the whole outage
+                engine.stop(spec.name)
+            results = engine.results()
+        finally:
+            engine.close()
+            for srv in servers:
+                srv.close()
+    out = []
+    for spec, (wall, mono) in zip(specs, faults):
+        ranks = [results[(r, spec.name)] for r in range(2)]
+        events = [e for r in ranks for e in (r.status or {}).get("events", []) if e["time"] >= wall]
+        broken = [e["time"] for e in events if e["backend"] == "primary" and e["to"] == "circuit_broken"]
+        serving = {e["rank"]: e["time"] for e in events if e.get("detail", {}).get("role") == "active"
+                   and e["to"] == "standby"}
+        calls = [c for r in ranks for c in r.calls if c[1] >= mono]
+        out.append({
+            "detect_ms": (min(broken) - wall) * 1000 if broken else None,
+            "serve_ms": (max(serving.values()) - wall) * 1000 if len(serving) == 2 else None,
+            "latencies_s": [c[2] for c in calls],
+            "errors": sum(1 for c in calls if c[3]),
+            "bad_pages": sum(1 for r in ranks for it in r.iterations if not it["exact"]),
+        })
+    return out
+
+
 def summarize(trials: list[dict]) -> dict:
     detect = [t["detect_ms"] for t in trials if t["detect_ms"] is not None]
     serve = [t["serve_ms"] for t in trials if t["serve_ms"] is not None]
@@ -107,20 +156,30 @@ def summarize(trials: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--baseline-trials", type=int, default=3)
+    ap.add_argument("--trials", type=int, default=20, help="simulator trials per fault (hicache-ha)")
+    ap.add_argument("--baseline-trials", type=int, default=3, help="baseline trials per fault (each engine)")
+    ap.add_argument("--sglang-trials", type=int, default=5, help="trials per fault on SGLang's controller")
+    ap.add_argument("--engines", default="sim,sglang", help="sim, sglang or both")
     ap.add_argument("--json", default="out/failover.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)  # every transition would be logged otherwise
+    engines = args.engines.split(",")
     results = {}
     for fault in ("kill", "hang"):
-        results[f"hicache-ha/{fault}"] = summarize([ha_trial(fault, i) for i in range(args.trials)])
-        print(f"hicache-ha {fault}: {results[f'hicache-ha/{fault}']}", flush=True)
-        results[f"baseline/{fault}"] = summarize([baseline_trial(fault, i) for i in range(args.baseline_trials)])
-        print(f"baseline {fault}: {results[f'baseline/{fault}']}", flush=True)
+        runs = []
+        if "sim" in engines:
+            runs += [(f"sim hicache-ha/{fault}", lambda: [ha_trial(fault, i) for i in range(args.trials)]),
+                     (f"sim baseline/{fault}", lambda: [baseline_trial(fault, i) for i in range(args.baseline_trials)])]
+        if "sglang" in engines:
+            runs += [(f"sglang hicache-ha/{fault}", lambda: sglang_trials(fault, args.sglang_trials)),
+                     (f"sglang baseline/{fault}", lambda: sglang_trials(fault, args.baseline_trials, baseline=True))]
+        for name, trials in runs:
+            results[name] = summarize(trials())
+            print(f"{name}: {results[name]}", flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
-    print("| run | trials | detect p50 / p99 ms | fault → standby serving p50 / p99 ms | engine p99.9 ms | engine max ms | errors surfaced |")
+    print("| engine run | trials | detect p50 / p99 ms | fault → standby serving p50 / p99 ms | storage call p99.9 ms "
+          "| max ms | errors surfaced |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         det = f"{r['detect_ms_p50']} / {r['detect_ms_p99']}" if r["detected"] else "never"

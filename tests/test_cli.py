@@ -55,3 +55,19 @@ def test_without_redis_server_the_demo_makes_a_fault_it_can_really_make_and_name
     assert "rank 0 primary: healthy → circuit_broken" in out.stdout
     assert "active: primary → standby" in out.stdout
     assert "the engine saw no error and no wrong page" in out.stdout
+
+
+def test_the_demo_on_sglangs_own_cache_controller():
+    env = {**os.environ, "CI": "true"}
+    out = subprocess.run([sys.executable, "-m", "hicache_ha.cli", "demo", "--engine", "sglang", "--duration", "9"],
+                         env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "starting SGLang's HiCacheController" in out.stdout
+    assert "SIGSTOP primary" in out.stdout and "active: primary → standby" in out.stdout
+    assert "healthy members tripped: 0" in out.stdout
+    assert "the engine saw no error and no wrong page" in out.stdout
+
+
+def test_an_unknown_demo_engine_is_a_clear_error():
+    result = runner.invoke(app, ["demo", "--engine", "vllm"])
+    assert result.exit_code == 2 and "--engine 'vllm': use sim or sglang" in result.output

@@ -69,12 +69,21 @@ def check_config(path: Path = typer.Argument(..., help="YAML or JSON config file
 def demo(
     duration: float = typer.Option(30.0, min=3.0, help="seconds to run"),
     ranks: int = typer.Option(2, min=1, max=16, help="engine ranks (threads)"),
-    page_kib: int = typer.Option(64, min=1, max=4096, help="page size in KiB"),
+    page_kib: int = typer.Option(64, min=1, max=4096, help="page size in KiB (sim engine)"),
+    engine: str = typer.Option("sim", help="sim: the simulator's ranks; sglang: SGLang's own HiCacheController "
+                                           "on CPU (needs the sglang wheel: make install-sglang)"),
 ) -> None:
-    """Simulated SGLang traffic through the data plane while the primary fails (a frozen redis-server)."""
+    """SGLang's storage traffic through the data plane while the primary fails (a frozen redis-server)."""
     from .sim.demo import run_demo
 
-    result = run_demo(duration=duration, ranks=ranks, page_kib=page_kib, console=console)
+    if engine not in ("sim", "sglang"):
+        fail(f"--engine {engine!r}: use sim or sglang")
+    if engine == "sglang":
+        try:
+            import sglang.srt.managers.cache_controller  # noqa: F401
+        except ImportError as exc:
+            fail(f"--engine sglang needs the sglang wheel and its CPU dependencies (make install-sglang): {exc}")
+    result = run_demo(duration=duration, ranks=ranks, page_kib=page_kib, engine=engine, console=console)
     if not result.clean:  # a slow call on a busy machine is reported, not failed: see the summary
         raise typer.Exit(1)
 

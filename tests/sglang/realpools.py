@@ -4,40 +4,20 @@ buffer info), with ``pin_memory=False``. No stand-in: these are the objects HASt
 from __future__ import annotations
 
 import torch
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
 from sglang.srt.mem_cache.pool_host.mamba import MambaPoolHost
-from sglang.srt.mem_cache.pool_host.mha import get_mha_host_pool_cls
-from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
 
-PAGE = 4
+from hicache_ha.sim.sglang_engine import PAGE, mha_pools, mla_pools  # noqa: F401 - the builders the engine uses
+
 LAYOUTS = ("page_first", "layer_first", "page_first_direct")
 DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
-
-
-def mha_pools(layout: str = "page_first", dtype: torch.dtype = torch.bfloat16, *, tokens: int = 64,
-              page: int = PAGE, heads: int = 2, head_dim: int = 8, layers: int = 2):
-    """(device pool, host pool)."""
-    dev = MHATokenToKVPool(size=tokens, page_size=page, dtype=dtype, head_num=heads, head_dim=head_dim,
-                           layer_num=layers, device="cpu", enable_memory_saver=False)
-    info = dev.get_device_pool_infos()[0].buffer_info
-    return dev, get_mha_host_pool_cls(info)(info, 2.0, 0, page, layout, pin_memory=False, device="cpu",
-                                            device_capacity_tokens=dev.size, start_layer=dev.start_layer,
-                                            end_layer=dev.end_layer)
 
 
 def mha_pool(layout: str = "page_first", dtype: torch.dtype = torch.bfloat16, **kw):
     return mha_pools(layout, dtype, **kw)[1]
 
 
-def mla_pool(layout: str = "page_first", dtype: torch.dtype = torch.bfloat16, *, tokens: int = 64,
-             page: int = PAGE, layers: int = 2):
-    dev = MLATokenToKVPool(size=tokens, page_size=page, dtype=dtype, kv_lora_rank=16, qk_rope_head_dim=8,
-                           layer_num=layers, device="cpu", enable_memory_saver=False)
-    info = dev.get_device_pool_infos()[0].buffer_info
-    return MLATokenToKVPoolHost(info, 2.0, 0, page, layout, pin_memory=False, device="cpu",
-                                device_capacity_tokens=dev.size, start_layer=dev.start_layer,
-                                end_layer=dev.end_layer, target_layer_num=dev.layer_num,
-                                override_kv_cache_dim=dev.kv_cache_dim)
+def mla_pool(layout: str = "page_first", dtype: torch.dtype = torch.bfloat16, **kw):
+    return mla_pools(layout, dtype, **kw)[1]
 
 
 def mamba_pool(slots: int = 16):

@@ -30,6 +30,9 @@ log = logging.getLogger("hicache_ha.dataplane")
 FAILOVER_RETRY_S = 0.05
 # Health pings that may wait for an answer at once, per member.
 MAX_PINGS_OUT = 4
+# How long a ping's round trip is remembered for stretching later ping timeouts: a slow spell (a start-up,
+# a burst of big transfers) must not keep timeouts long, and so detection slow, once it is over.
+RTT_MEMORY_S = 10.0
 
 
 class SupervisedRank(Protocol):
@@ -71,7 +74,7 @@ class Supervisor:
         self.broken_since: Optional[float] = None  # when the active member last stopped being healthy
         self.next_failover_try = 0.0  # a failover that did not happen (yet) is retried at this pace
         self.ping_seq = 0
-        self.ping_rtts: dict[str, deque] = {}  # recent durations of good pings, per member
+        self.ping_rtts: dict[str, deque] = {}  # (when, duration) of recent good pings, per member
         self.no_target_reported = False
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -156,19 +159,21 @@ class Supervisor:
 
         def done(call: Call) -> None:
             if call.finished and call.error is None:
-                rtts.append(call.ended - sent)  # with the wait for a worker and the GIL: what the timeout sees
+                rtts.append((call.ended, call.ended - sent))  # with the waits for a worker and the GIL
             self.wake()
 
         return done
 
     def _ping_timeout(self, member: Member) -> float:
-        """The configured timeout, stretched to twice the slowest of the member's recent good pings: a
+        """The configured timeout, stretched to twice the slowest of the member's good pings of the last
+        RTT_MEMORY_S seconds: a
         PING queued behind a big transfer on a single-threaded server waits 100+ ms (measured: ~120 ms
         behind a 128 MiB MGET), which is slowness, not failure. A frozen server answers no ping, so its
         timeout stops growing."""
         base = self.health.ping.timeout_ms / 1000
-        rtts = self.ping_rtts.get(member.name)
-        return max(base, 2 * max(rtts)) if rtts else base
+        since = self.clock() - RTT_MEMORY_S
+        recent = [rtt for at, rtt in self.ping_rtts.get(member.name, ()) if at >= since]
+        return max(base, 2 * max(recent)) if recent else base
 
     def _pings_out(self, member: Member) -> int:
         return sum(1 for c in self.pending.values() if c.member is member and c.kind == "ping")

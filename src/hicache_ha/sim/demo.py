@@ -3,7 +3,8 @@
 Runs on an embedded default that needs nothing external: it starts its own redis-server as the primary
 and freezes it (SIGSTOP / SIGCONT); without redis-server, the primary is a directory that vanishes (as
 an unmounted volume would) and comes back. The standby is a file directory in a temp dir. Everything it
-started is cleaned up. On a busy machine it says how far any call went over its bound and why.
+started is cleaned up. On a busy machine it says how far any call went over its bound and why. The
+engine is the simulator (``sim``) or SGLang's own HiCacheController in two processes (``sglang``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from rich.console import Console
 from rich.live import Live
@@ -22,7 +23,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ..dataplane import BackendManager, Layout
-from .engine import SimStats, Simulation, percentile
+from ..dataplane.events import Event
+from .engine import Sample, SimStats, Simulation, percentile
 from .lag import SLACK_S, LagProbe
 from .servers import RedisServer, redis_server_path
 
@@ -90,8 +92,8 @@ class DemoResult:
     phases: list[Phase]
     bound_ms: float
     fault_name: str
-    lag: LagProbe
-    started: float  # time.monotonic() when the simulation started
+    lag: Any  # LagProbe, or the ranks' own measured lag when they run in other processes
+    started: float  # time.monotonic() when the engine started
     snapshots: list[dict] = field(default_factory=list)
     fault_wall: Optional[float] = None  # when the fault was made (time.time())
     events: list = field(default_factory=list)
@@ -165,67 +167,172 @@ def _event_printer(console: Console, started_wall: float):
     return show
 
 
-def _status(sim: Simulation, managers: list[BackendManager], phase: str, bound_ms: float, faulty: bool) -> Text:
-    st = sim.stats
+def _status(st: SimStats, members: str, phase: str, bound_ms: float, faulty: bool) -> Text:
     recent = st.window(2.0)
     lat = [s.seconds * 1000 for s in recent]
-    snap = managers[0].snapshot()
-    members = "  ".join(f"{b['name']}={b['state']}{'*' if b['active'] else ''}" for b in snap["backends"])
     text = Text()
     text.append(f"t={st.now():5.1f}s  ", style="bold")
     text.append(f"[{phase}]  ", style="yellow" if faulty else "green")
     text.append(f"{len(recent) / 2.0:6.0f} calls/s  hit {st.hit_rate(2.0):5.1%} (last 2 s)  "
                 f"p99 {percentile(lat, 99):6.1f} ms  max {max(lat, default=0):6.1f} ms (bound {bound_ms:.0f})  ")
-    text.append(f"rank0: {members}  epoch {snap['epoch']}  ")
+    text.append(f"rank0: {members}  ")
     text.append(f"errors {st.errors_surfaced}  bad pages {st.verify_failures}",
                 style="red" if st.errors_surfaced or st.verify_failures else "green")
     return text
 
 
-def run_demo(*, duration: float = 30.0, ranks: int = 2, page_kib: int = 64,
+def _primary(workdir: str, console: Console) -> tuple[dict, Fault, Optional[RedisServer]]:
+    """The primary member and the fault the demo makes on it."""
+    if redis_server_path():
+        server = RedisServer().start()
+        console.print(f"primary: redis-server pid {server.proc.pid} on 127.0.0.1:{server.port}; "
+                      f"standby: file {workdir}/standby")
+        return ({"name": "primary", "type": "redis", "url": server.url, "socket_timeout_ms": 1000},
+                FreezeRedis(server), server)
+    os.makedirs(f"{workdir}/primary")
+    console.print(f"[yellow]redis-server not found: the primary is the directory {workdir}/primary, "
+                  "and the fault is that directory vanishing[/]")
+    return {"name": "primary", "type": "file", "path": f"{workdir}/primary"}, VanishDirectory(f"{workdir}/primary"), None
+
+
+class _SimEngine:
+    """The simulator's ranks (threads) over one BackendManager each."""
+
+    def __init__(self, config: dict, ranks: int, page: int, console: Console) -> None:
+        self.managers = [BackendManager(config, Layout(model="demo", tp_rank=r, tp_size=ranks, page_bytes=page))
+                         for r in range(ranks)]
+        self.sim = Simulation(self.managers, page_size=page)
+        self.stats = self.sim.stats
+        self.console = console
+
+    def start(self, printer_for) -> None:
+        self.sim.start()
+        printer = printer_for(time.time() - self.stats.now())
+        for m in self.managers:
+            m.events.subscribe(printer)
+
+    def poll(self) -> None:
+        pass
+
+    def members(self) -> str:
+        snap = self.managers[0].snapshot()
+        return "  ".join(f"{b['name']}={b['state']}{'*' if b['active'] else ''}" for b in snap["backends"])
+
+    def finish(self, lag: LagProbe) -> tuple[list, LagProbe]:
+        self.sim.finish()
+        events = sorted((e for m in self.managers for e in m.events.recent(1000)), key=lambda e: e.time)
+        return events, lag
+
+    def close(self) -> None:
+        for m in self.managers:
+            m.close()
+
+
+class _SGLangEngine:
+    """SGLang's real HiCacheController in two rank processes (gloo), HAStorage built by its factory."""
+
+    OPS = {"batch_exists": "exists", "batch_get_v1": "get", "batch_set_v1": "set", "batch_get": "get",
+           "batch_set": "set"}
+
+    def __init__(self, config: dict, ranks: int, page: int, console: Console) -> None:
+        from .sglang_engine import SGLangEngine, ha_spec
+
+        self.engine = SGLangEngine([ha_spec("demo", config)], ranks, live=True, quiet=True)
+        self.stats = SimStats()
+        self.states: dict[str, str] = {}
+        self.active = "primary"
+        self.events: list[Event] = []
+        self.console = console
+        self.printer = None
+
+    def start(self, printer_for) -> None:
+        self.console.print("starting SGLang's HiCacheController on two rank processes (importing SGLang takes "
+                           "a while)...")
+        self.engine.start()
+        if not self.engine.wait_ready("demo"):
+            raise RuntimeError("SGLang's ranks did not start: is the sglang wheel installed (make install-sglang)?")
+        self.stats.started = time.monotonic()
+        self.printer = printer_for(time.time())
+
+    def poll(self) -> None:
+        from .sglang_engine import drain
+
+        st = self.stats
+        for kind, rank, _name, data in drain(self.engine.live):
+            if kind == "event":
+                event = Event(data["time"], data["rank"], data["backend"], data["from"], data["to"], data["reason"],
+                              data.get("detail", {}))
+                self.events.append(event)
+                if event.detail.get("role") == "active":
+                    self.active = event.to_state
+                elif rank == 0:
+                    self.states[event.backend] = event.to_state
+                self.printer(event)
+                continue
+            for name, t0, seconds, error in data["calls"]:
+                st.samples.append(Sample(t0 + seconds - st.started, rank, self.OPS.get(name, name), seconds, 0,
+                                         error is None))
+                st.errors_surfaced += error is not None
+            st.hits.append((data["t1"] - st.started, data["tokens"], data["loaded"]))
+            st.pages_requested += data["tokens"]
+            st.pages_hit += data["loaded"]
+            st.pages_written += data["backed"]
+            st.verify_failures += not data["exact"]
+            st.requests += rank == 0
+
+    def members(self) -> str:
+        return "  ".join(f"{n}={self.states.get(n, 'healthy')}{'*' if n == self.active else ''}"
+                         for n in ("primary", "standby"))
+
+    def finish(self, lag: LagProbe) -> tuple[list, "_FixedLag"]:
+        self.engine.stop("demo")
+        results = self.engine.results()
+        self.poll()
+        return sorted(self.events, key=lambda e: e.time), _FixedLag(max(r.lag for r in results.values()))
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class _FixedLag:
+    """The ranks' own measured lag (they run in other processes)."""
+
+    def __init__(self, worst: float) -> None:
+        self.worst = worst
+
+    def worst_between(self, t0: float, t1: float) -> float:
+        return self.worst
+
+
+def run_demo(*, duration: float = 30.0, ranks: int = 2, page_kib: int = 64, engine: str = "sim",
              console: Optional[Console] = None) -> DemoResult:
+    """``engine``: ``sim`` (the simulator's ranks) or ``sglang`` (SGLang's own HiCacheController)."""
     console = console or Console(soft_wrap=True)
     # Each abandoned call is logged at WARNING; the status line already shows them here.
     logging.getLogger("hicache_ha").setLevel(logging.ERROR)
     workdir = tempfile.mkdtemp(prefix="hicache-ha-demo-")
     server: Optional[RedisServer] = None
-    managers: list[BackendManager] = []
+    runner = None
     lag = LagProbe().start()
     try:
-        if redis_server_path():
-            server = RedisServer().start()
-            primary = {"name": "primary", "type": "redis", "url": server.url, "socket_timeout_ms": 1000}
-            fault: Fault = FreezeRedis(server)
-            console.print(f"primary: redis-server pid {server.proc.pid} on 127.0.0.1:{server.port}; "
-                          f"standby: file {workdir}/standby")
-        else:
-            os.makedirs(f"{workdir}/primary")
-            primary = {"name": "primary", "type": "file", "path": f"{workdir}/primary"}
-            fault = VanishDirectory(f"{workdir}/primary")
-            console.print(f"[yellow]redis-server not found: the primary is the directory {workdir}/primary, "
-                          "and the fault is that directory vanishing[/]")
+        primary, fault, server = _primary(workdir, console)
         config = demo_config(primary, f"{workdir}/standby")
-        page = page_kib * 1024
-        managers = [
-            BackendManager(config, Layout(model="demo", tp_rank=r, tp_size=ranks, page_bytes=page))
-            for r in range(ranks)
-        ]
+        runner = (_SGLangEngine if engine == "sglang" else _SimEngine)(config, ranks, page_kib * 1024, console)
         bound_ms = max(DEMO_DEADLINES.values()) + SLACK_S * 1000
         fault_at, heal_at = duration / 3, 2 * duration / 3
         phases = [Phase("steady", 0, fault_at), Phase(fault.name, fault_at, heal_at),
                   Phase(fault.healed_name, heal_at, duration)]
-        sim = Simulation(managers, page_size=page).start()
-        started_wall = time.time() - sim.stats.now()
-        for m in managers:
-            m.events.subscribe(_event_printer(console, started_wall))
-        result = DemoResult(sim.stats, phases, bound_ms, fault.name, lag, sim.stats.started)
+        runner.start(lambda started_wall: _event_printer(console, started_wall))
+        stats = runner.stats
+        result = DemoResult(stats, phases, bound_ms, fault.name, lag, stats.started)
         injected = healed = False
         live = Live(console=console, refresh_per_second=4, transient=False) if console.is_terminal else None
         last_print = 0.0
         if live:
             live.start()
         try:
-            while (now := sim.stats.now()) < duration:
+            while (now := stats.now()) < duration:
+                runner.poll()
                 if not injected and now >= fault_at:
                     what = fault.inject()
                     result.fault_wall = time.time()
@@ -235,7 +342,7 @@ def run_demo(*, duration: float = 30.0, ranks: int = 2, page_kib: int = 64,
                     healed = True
                     console.print(f"[bold green]t={now:.1f}s  {fault.heal()}[/]")
                 phase = next((p for p in phases if p.start <= now < p.end), phases[-1])
-                status = _status(sim, managers, phase.name, bound_ms, phase is phases[1])
+                status = _status(stats, runner.members(), phase.name, bound_ms, phase is phases[1])
                 if live:
                     live.update(status)
                 elif now - last_print >= 2.0:
@@ -247,15 +354,13 @@ def run_demo(*, duration: float = 30.0, ranks: int = 2, page_kib: int = 64,
                 live.stop()
             if injected and not healed:
                 fault.heal()
-            sim.finish()
-        result.snapshots = [m.snapshot() for m in managers]
-        result.events = sorted((e for m in managers for e in m.events.recent(1000)), key=lambda e: e.time)
+            result.events, result.lag = runner.finish(lag)
         _summary(console, result)
         return result
     finally:
         lag.stop()
-        for m in managers:
-            m.close()
+        if runner is not None:
+            runner.close()
         if server:
             server.close()
         shutil.rmtree(workdir, ignore_errors=True)

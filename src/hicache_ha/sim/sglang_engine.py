@@ -1,0 +1,403 @@
+"""SGLang's own cache controller as the engine: the reference for fidelity and for SLA figures.
+
+R rank processes (spawned; gloo between them), each with SGLang 0.5.23's real ``HiCacheController`` (or
+``HybridCacheController``: an SWA state pool and an indexer pool beside the KV pool, moved by the v2
+calls) and its real host pools on CPU, the storage backend built by SGLang's factory through the
+``dynamic`` hook, exactly as a server builds it. Each rank loops over fresh requests: fill pages →
+``write_storage`` (SGLang's backup thread) → ``prefetch`` (its prefetch thread: exists, MIN all-reduce of
+hits, its IO thread: get) → check every loaded page byte for byte. The scheduler's part (host memory
+for the agreed hits) is done by hand, as SGLang's own CPU recipe does. Every storage call the
+controller makes is timed. Needs the sglang wheel and its CPU dependencies (``make test`` installs them).
+
+What the simulator (``sim.engine``) still stands in for: many ranks and long workloads at low cost, a
+multi-turn prefix-sharing workload, and runs without SGLang installed. This engine stands in for nothing
+below the scheduler: the threads, queues and collectives are SGLang's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import queue
+import socket
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+PAGE = 4  # tokens per page
+PAGES_PER_REQUEST = 6
+DYNAMIC_HA = {"backend_name": "hicache_ha", "module_path": "hicache_ha.sglang", "class_name": "HAStorage"}
+TIMED = ("batch_exists", "batch_get", "batch_set", "batch_get_v1", "batch_set_v1", "batch_exists_v2",
+         "batch_get_v2", "batch_set_v2")
+
+
+@dataclass
+class EngineSpec:
+    """One run of the engine. ``extra_config`` is what a server gets as --hicache-storage-backend-extra-config
+    (the ``dynamic`` fields, ``interface_v1``, and for hicache-ha its ``ha`` document)."""
+
+    name: str
+    extra_config: dict
+    hybrid: bool = False  # HybridCacheController with SWA and indexer pools (v2)
+    mla: bool = False
+    layout: str = "page_first"
+
+
+@dataclass
+class RankResult:
+    rank: int
+    name: str
+    calls: list = field(default_factory=list)  # (method, time.monotonic() at start, seconds, error or None)
+    iterations: list = field(default_factory=list)
+    lag: float = 0.0  # the longest the rank's process was kept from running
+    interface: str = ""
+    status: Optional[dict] = None  # HAStorage.ha_status() at the end (None for another backend)
+    crash: Optional[str] = None
+
+
+def ha_spec(name: str, ha: dict, *, interface_v1: int = 1, **kw) -> EngineSpec:
+    return EngineSpec(name, {**DYNAMIC_HA, "interface_v1": interface_v1, "ha": ha}, **kw)
+
+
+class SGLangEngine:
+    """Run ``specs`` one after the other in ``ranks`` processes (importing SGLang costs tens of seconds
+    per process, so they are spawned once). With ``live``, records arrive on ``live`` as they happen:
+    (kind, rank, spec name, data), kind ``iteration`` or ``event``."""
+
+    def __init__(self, specs: list[EngineSpec], ranks: int = 2, *, live: bool = False, quiet: bool = False) -> None:
+        self.specs = specs
+        self.ranks = ranks
+        self.quiet = quiet  # the ranks log errors only (the demo shows transitions itself)
+        ctx = mp.get_context("spawn")
+        self._gates = {s.name: (ctx.Event(), ctx.Event()) for s in specs}  # (ready, stop)
+        self._results = ctx.Queue()
+        self.live = ctx.Queue() if live else None  # only when someone reads it: a full pipe blocks exit
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self._procs = [ctx.Process(target=_run_rank, args=(r, ranks, port, specs, self._gates, self._results,
+                                                           self.live, quiet), daemon=True) for r in range(ranks)]
+
+    def start(self) -> "SGLangEngine":
+        for p in self._procs:
+            p.start()
+        return self
+
+    def wait_ready(self, name: str, timeout: float = 300.0) -> bool:
+        """Until the ranks have served their first requests of ``name`` (or one died)."""
+        deadline = time.monotonic() + timeout
+        ready = self._gates[name][0]
+        while not ready.wait(0.5):
+            if time.monotonic() > deadline or not all(p.is_alive() for p in self._procs):
+                return False
+        return True
+
+    def stop(self, name: str) -> None:
+        self._gates[name][1].set()
+
+    def results(self, timeout: float = 180.0) -> dict[tuple[int, str], RankResult]:
+        """Every rank's result of every spec (stop them all first)."""
+        out = {}
+        for _ in range(self.ranks * len(self.specs)):
+            r: RankResult = self._results.get(timeout=timeout)
+            if r.crash:
+                raise RuntimeError(f"rank {r.rank} crashed:\n{r.crash}")
+            out[(r.rank, r.name)] = r
+        return out
+
+    def close(self) -> None:
+        for name in self._gates:
+            self.stop(name)
+        for p in self._procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+
+
+# -- the rank processes ------------------------------------------------------------------------------
+def _run_rank(rank: int, world: int, port: int, specs: list, gates: dict, results, live, quiet: bool) -> None:
+    warnings.simplefilter("ignore")
+    if quiet:
+        import logging
+
+        for name in ("hicache_ha", "sglang"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    try:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        from sglang.srt.runtime_context import get_parallel
+
+        get_parallel().override_permanently(tp_rank=rank, tp_size=world, pp_rank=0, pp_size=1,
+                                            attn_dcp_size=1, attn_dcp_rank=0)
+        for spec in specs:
+            results.put(_run_spec(rank, spec, gates[spec.name], live, dist))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        results.put(RankResult(rank, "crash", crash=traceback.format_exc()))
+
+
+def _run_spec(rank: int, spec: EngineSpec, gate, live, dist) -> RankResult:
+    import torch
+    from sglang.srt.managers.cache_controller import HiCacheController
+    from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+
+    from .lag import LagProbe
+
+    ready, stop = gate
+    device, host = (mla_pools if spec.mla else mha_pools)(spec.layout, torch.bfloat16, tokens=256)
+    alloc = TokenToKVPoolAllocator(size=256, dtype=torch.bfloat16, device="cpu", kvcache=device, need_sort=False)
+    common = dict(io_backend="direct", storage_backend="dynamic", prefetch_threshold=PAGE, model_name="org/model",
+                  storage_backend_extra_config=dict(spec.extra_config), load_cache_event=threading.Event())
+    if spec.hybrid:
+        from sglang.srt.mem_cache.hybrid_cache.hybrid_cache_controller import HybridCacheController
+
+        group, sidecars = _hybrid_pools(host, device)
+        cc = HybridCacheController(alloc, group, PAGE, dist.group.WORLD, transfer_layer_id_max=2, **common)
+        request = _HybridRequest(group, sidecars)
+    else:
+        cc = HiCacheController(alloc, host, PAGE, dist.group.WORLD, **common)
+        request = _request
+    storage = cc.storage_backend
+    result = RankResult(rank, spec.name, interface="v1" if cc.page_get_func.__name__ == "_page_get_zero_copy"
+                        else "legacy")
+    _time_calls(storage, result.calls)
+    status = getattr(storage, "ha_status", None)
+    if status is not None and live is not None:
+        storage.manager.events.subscribe(lambda e: live.put(("event", rank, spec.name, e.to_dict())))
+    lag = LagProbe().start()
+    i = 0
+    try:
+        while True:
+            flag = torch.tensor([0 if stop.is_set() else 1])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank runs the same requests, or none
+            if not flag.item():
+                break
+            seen = len(result.calls)
+            it = request(rank, i, cc, host, spec.mla, torch, dist.barrier)
+            result.iterations.append(it)
+            if live is not None:
+                live.put(("iteration", rank, spec.name, {**it, "calls": result.calls[seen:]}))
+            i += 1
+            if i == 2:
+                ready.set()
+    finally:
+        lag.stop()
+        result.lag = lag.worst
+        result.status = status() if status is not None else None
+        cc._stop_storage_threads()
+        getattr(storage, "close", lambda: None)()
+    return result
+
+
+def _time_calls(storage, calls: list) -> None:
+    """Record every call the controller makes on the backend: (method, start, seconds, error)."""
+    for name in TIMED:
+        method = getattr(storage, name, None)
+        if method is None:
+            continue
+
+        def timed(*args, _m=method, _n=name, **kwargs):
+            t0, error = time.monotonic(), None
+            try:
+                return _m(*args, **kwargs)
+            except BaseException as exc:  # the contract says never; record it if it happens
+                error = repr(exc)
+                raise
+            finally:
+                calls.append((_n, t0, time.monotonic() - t0, error))
+
+        setattr(storage, name, timed)
+
+
+# -- SGLang's host pools on CPU ----------------------------------------------------------------------
+def mha_pools(layout: str = "page_first", dtype: Any = None, *, tokens: int = 64, page: int = PAGE, heads: int = 2,
+              head_dim: int = 8, layers: int = 2):
+    """(device pool, host pool), built as SGLang's pool assembler builds them, with ``pin_memory=False``."""
+    import torch
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    from sglang.srt.mem_cache.pool_host.mha import get_mha_host_pool_cls
+
+    dev = MHATokenToKVPool(size=tokens, page_size=page, dtype=dtype or torch.bfloat16, head_num=heads,
+                           head_dim=head_dim, layer_num=layers, device="cpu", enable_memory_saver=False)
+    info = dev.get_device_pool_infos()[0].buffer_info
+    return dev, get_mha_host_pool_cls(info)(info, 2.0, 0, page, layout, pin_memory=False, device="cpu",
+                                            device_capacity_tokens=dev.size, start_layer=dev.start_layer,
+                                            end_layer=dev.end_layer)
+
+
+def mla_pools(layout: str = "page_first", dtype: Any = None, *, tokens: int = 64, page: int = PAGE, layers: int = 2):
+    import torch
+    from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
+    from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
+
+    dev = MLATokenToKVPool(size=tokens, page_size=page, dtype=dtype or torch.bfloat16, kv_lora_rank=16,
+                           qk_rope_head_dim=8, layer_num=layers, device="cpu", enable_memory_saver=False)
+    info = dev.get_device_pool_infos()[0].buffer_info
+    return dev, MLATokenToKVPoolHost(info, 2.0, 0, page, layout, pin_memory=False, device="cpu",
+                                     device_capacity_tokens=dev.size, start_layer=dev.start_layer,
+                                     end_layer=dev.end_layer, target_layer_num=dev.layer_num,
+                                     override_kv_cache_dim=dev.kv_cache_dim)
+
+
+def _hybrid_pools(host, device):
+    """The KV pool, an SWA state pool (its own slots, trailing pages) and an indexer pool (on the KV
+    slots), grouped as SGLang's hybrid pool assembler groups them."""
+    from sglang.srt.mem_cache.hicache_storage import PoolName
+    from sglang.srt.mem_cache.pool_host import HostPoolGroup, PoolEntry
+
+    swa_dev, swa = mha_pools("page_first", tokens=256, layers=1)
+    idx_dev, indexer = mha_pools("layer_first", tokens=256, layers=1)
+
+    def ident(layer: int) -> int:
+        return layer
+
+    group = HostPoolGroup([
+        PoolEntry(name=PoolName.KV, host_pool=host, device_pool=device, layer_mapper=ident, is_primary_index_anchor=True),
+        PoolEntry(name=PoolName.SWA, host_pool=swa, device_pool=swa_dev, layer_mapper=ident),
+        PoolEntry(name=PoolName.INDEXER, host_pool=indexer, device_pool=idx_dev, layer_mapper=ident),
+    ])
+    return group, {PoolName.SWA: swa, PoolName.INDEXER: indexer}
+
+
+# -- one request --------------------------------------------------------------------------------------
+def content(rank: int, token: int, nbytes: int, shared: bool) -> bytes:
+    """A page's bytes: derived from its first token (and its rank, unless the page is shared)."""
+    seed = hashlib.blake2b(f"{0 if shared else rank}:{token}".encode(), digest_size=64).digest()
+    return (seed * (nbytes // 64 + 1))[:nbytes]
+
+
+def _nbytes(pool) -> int:
+    dummy = pool.get_dummy_flat_data_page()
+    return dummy.numel() * dummy.element_size()
+
+
+def _fill_page(pool, slot: int, data: bytes, torch) -> None:
+    dtype = pool.get_dummy_flat_data_page().dtype
+    pool.set_from_flat_data_page(slot, torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype))
+
+
+def _page(pool, slot: int, torch) -> bytes:
+    return bytes(pool.get_data_page(slot, flat=True).contiguous().view(torch.uint8).numpy())
+
+
+def _tokens(i: int) -> list[int]:
+    n = PAGES_PER_REQUEST * PAGE
+    return list(range(10_000 + i * n, 10_000 + (i + 1) * n))
+
+
+def _load(cc, hit) -> tuple[int, dict]:
+    """Hand a hit to the IO thread, as the scheduler does; collect what was loaded."""
+    cc.prefetch_buffer.put(hit)
+    loaded, pool_hits = 0, {}
+    while True:
+        ack = cc.ack_prefetch_queue.get(timeout=120)
+        if ack.completed_tokens is not None:
+            loaded = ack.completed_tokens
+        if ack.pool_hits:
+            pool_hits.update({str(getattr(k, "value", k)): v for k, v in ack.pool_hits.items()})
+        if ack.completed_req:
+            return loaded, pool_hits
+
+
+def _request(rank, i, cc, host, mla, torch, sync) -> dict:
+    from sglang.srt.mem_cache.utils import get_storage_hash_str
+
+    tokens = _tokens(i)
+    n, nbytes = len(tokens), _nbytes(host)
+    t0 = time.monotonic()
+    idx = host.alloc(n)
+    for p in range(PAGES_PER_REQUEST):
+        _fill_page(host, int(idx[p * PAGE]), content(rank, tokens[p * PAGE], nbytes, mla), torch)
+    cc.write_storage(idx, tokens, hash_value=get_storage_hash_str(tokens, None, page_size=PAGE))
+    backed = cc.ack_backup_queue.get(timeout=120).completed_tokens
+    host.free(idx)
+    sync()  # a prefix is looked up after every rank stored it (MLA: after the one writer did)
+    cc.prefetch(f"req-{i}", tokens, None)
+    hit = cc.prefetch_hit_queue.get(timeout=120)
+    loaded, exact = 0, True
+    if hit.storage_hit_count >= PAGE:  # the scheduler's part: host memory for what every rank can load
+        hit.host_indices = host.alloc(hit.storage_hit_count)
+        loaded, _ = _load(cc, hit)
+        for p in range(loaded // PAGE):
+            exact &= _page(host, int(hit.host_indices[p * PAGE]), torch) == content(rank, tokens[p * PAGE], nbytes, mla)
+        host.free(hit.host_indices)
+    return {"t0": t0, "t1": time.monotonic(), "tokens": n, "backed": backed, "hit": hit.storage_hit_count,
+            "loaded": loaded, "exact": exact}
+
+
+class _HybridRequest:
+    """A request of a hybrid model: KV pages, indexer pages on the same slots, and the SWA state of the
+    last page; backed up and prefetched through the v2 calls of SGLang's HybridCacheController."""
+
+    def __init__(self, group, sidecars) -> None:
+        from sglang.srt.mem_cache.hicache_storage import PoolName
+
+        self.group = group
+        self.swa, self.indexer = sidecars[PoolName.SWA], sidecars[PoolName.INDEXER]
+
+    def __call__(self, rank, i, cc, host, mla, torch, sync) -> dict:
+        from sglang.srt.mem_cache.base_prefix_cache import CacheRequestHandle
+        from sglang.srt.mem_cache.hicache_storage import PoolHitPolicy, PoolName, PoolTransfer
+        from sglang.srt.mem_cache.utils import get_storage_hash_str
+
+        group, swa, indexer = self.group, self.swa, self.indexer
+        tokens = _tokens(i)
+        n = len(tokens)
+        hashes = get_storage_hash_str(tokens, None, page_size=PAGE)
+        kv_page = lambda p: content(rank, tokens[p * PAGE], _nbytes(host), False)  # noqa: E731
+        idx_page = lambda p: content(rank, -tokens[p * PAGE], _nbytes(indexer), False)  # noqa: E731
+        swa_page = content(rank, 7 * tokens[-1], _nbytes(swa), False)
+        t0 = time.monotonic()
+        idx = group.alloc(n)
+        swa_idx = group.alloc(PAGE, pool=PoolName.SWA)
+        for p in range(PAGES_PER_REQUEST):
+            _fill_page(host, int(idx[p * PAGE]), kv_page(p), torch)
+            _fill_page(indexer, int(idx[p * PAGE]), idx_page(p), torch)
+        _fill_page(swa, int(swa_idx[0]), swa_page, torch)
+        cc.write_storage(idx, tokens, hash_value=hashes, extra_pools=[
+            PoolTransfer(name=PoolName.SWA, host_indices=swa_idx, keys=[hashes[-1]], hit_policy=PoolHitPolicy.TRAILING_PAGES),
+            PoolTransfer(name=PoolName.INDEXER, indices_from_pool=PoolName.KV)])
+        backed = cc.ack_backup_queue.get(timeout=120).completed_tokens
+        group.free(idx)
+        group.free(swa_idx, pool=PoolName.SWA)
+        sync()
+        cc.prefetch(CacheRequestHandle(rid=f"req-{i}", attempt_id=0), tokens, None, extra_pools=[
+            PoolTransfer(name=PoolName.SWA, keys=[hashes[-1]], hit_policy=PoolHitPolicy.TRAILING_PAGES),
+            PoolTransfer(name=PoolName.INDEXER, indices_from_pool=PoolName.KV)])
+        hit = cc.prefetch_hit_queue.get(timeout=120)
+        loaded, exact, swa_loaded = 0, True, False
+        if hit.storage_hit_count >= PAGE:
+            hit.hash_value = hit.hash_value[: hit.storage_hit_count // PAGE]
+            hit.host_indices = group.alloc(hit.storage_hit_count)
+            own = [t for t in hit.pool_transfers if t.name == PoolName.SWA]
+            for t in own:
+                t.host_indices = group.alloc(PAGE, pool=PoolName.SWA)
+            loaded, pool_hits = _load(cc, hit)
+            for p in range(loaded // PAGE):
+                slot = int(hit.host_indices[p * PAGE])
+                exact &= _page(host, slot, torch) == kv_page(p) and _page(indexer, slot, torch) == idx_page(p)
+            for t in own:
+                swa_loaded = pool_hits.get(PoolName.SWA.value, 0) >= 1
+                if swa_loaded:
+                    exact &= _page(swa, int(t.host_indices[0]), torch) == swa_page
+                group.free(t.host_indices, pool=PoolName.SWA)
+            group.free(hit.host_indices)
+        return {"t0": t0, "t1": time.monotonic(), "tokens": n, "backed": backed, "hit": hit.storage_hit_count,
+                "loaded": loaded, "exact": exact, "swa_loaded": swa_loaded}
+
+
+def drain(q, timeout: float = 0.0) -> list:
+    """Everything waiting on a live queue now."""
+    out = []
+    try:
+        while True:
+            out.append(q.get(timeout=timeout) if timeout else q.get_nowait())
+    except queue.Empty:
+        return out
