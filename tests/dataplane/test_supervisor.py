@@ -115,7 +115,7 @@ def settle(sup):
             return False
         if not c.member.backend.hung.is_set():
             return True
-        bulkhead = c.member.bulkhead
+        bulkhead = c.member.checks
         with bulkhead.lock:
             running = sum(1 for o in bulkhead._calls if o.started is not None and not o.finished)
         return c.call.started is None and running < bulkhead._workers
@@ -179,7 +179,7 @@ def test_a_check_that_never_reached_the_backend_is_not_news_about_it(world):
     rank, sup, m = make()
     primary = m["primary"]
     gate = threading.Event()
-    taken = [primary.check(gate.wait) for _ in range(4)]  # our own work fills workers and queue
+    taken = [primary.check(gate.wait) for _ in range(8)]  # our own work fills the check workers and queue
     try:
         run(sup, clock, 0.5)
         assert primary.state == HEALTHY and primary.backend.pings == 0

@@ -28,6 +28,7 @@ from .stats import OpStats
 log = logging.getLogger("hicache_ha.dataplane")
 
 Sink = Callable[[int, Any], None]  # writes page i into the caller's memory
+CHECK_WORKERS = 4  # health pings outstanding at once on a hung backend: enough to trip it
 TransitionListener = Callable[["Member", Transition], None]
 
 
@@ -93,6 +94,9 @@ class Member:
         self._lock = threading.Lock()
         self._clock = clock
         self.bulkhead = Bulkhead(spec.name, workers, queue, self._lock, clock)
+        # Health checks (pings, probes) and control-plane calls have workers of their own: they never wait
+        # behind engine calls (a busy member is judged on time) and never take an engine call's worker.
+        self.checks = Bulkhead(f"{spec.name}-checks", CHECK_WORKERS, CHECK_WORKERS, clock=clock)
         self.breaker = breaker_from_config(health, clock())
         self.stats = OpStats()
         self.verdicts = verdicts(Outcome(o) for o in health.failure_outcomes)
@@ -249,8 +253,9 @@ class Member:
         return bool(failed)
 
     def check(self, fn: Callable[[], Any], on_done: Optional[Callable[[Call], None]] = None) -> Optional[Call]:
-        """Run a supervisor check (ping, probe, reconnect) on a worker; None when no worker is free."""
-        return self.bulkhead.try_submit(lambda _call: fn(), on_done=on_done)
+        """Run a supervisor check (ping, probe, reconnect) or a control-plane call on a check worker;
+        None when all of them are busy."""
+        return self.checks.try_submit(lambda _call: fn(), on_done=on_done)
 
     def run(self, op: str, timeout_s: float, fn: Callable[[], Any]) -> tuple[Outcome, Any]:
         """A control-plane call (switch probe, clear): bypasses the breaker and does not feed it."""
@@ -307,6 +312,7 @@ class Member:
 
     def close(self) -> None:
         self.bulkhead.close()
+        self.checks.close()
         try:
             self.backend.close()
         except Exception:  # closing a broken backend must not fail a switch or a shutdown

@@ -28,8 +28,8 @@ log = logging.getLogger("hicache_ha.dataplane")
 # While the active member is broken and traffic has not moved yet (no target, or a control plane is
 # moving the whole group), look for a target again at this pace.
 FAILOVER_RETRY_S = 0.05
-# Health pings that may wait for an answer at once, per member.
-MAX_PINGS_OUT = 4
+# Health pings that may wait for an answer at once, per member (each holds a check worker while it waits).
+MAX_PINGS_OUT = 3
 # How long a ping's round trip is remembered for stretching later ping timeouts: a slow spell (a start-up,
 # a burst of big transfers) must not keep timeouts long, and so detection slow, once it is over.
 RTT_MEMORY_S = 10.0
@@ -184,15 +184,14 @@ class Supervisor:
             if call is not None and not call.finished and now - check.started < check.timeout:
                 continue
             del self.pending[key]
-            # A check that found no worker, or waited in the queue behind engine calls, never reached
-            # the backend: that is our own load, unless the backend holds every worker past its deadline.
+            # A check that found no free check worker, or never left the queue, did not reach the backend:
+            # not news about it (the checks already holding the workers will tell).
             if call is None:
-                ran, ok, detail = check.member.held_by_backend(), False, "every worker held past its deadline"
+                ran, ok, detail = False, False, "no free check worker"
             elif call.finished:
                 ran, ok, detail = True, call.error is None, "" if call.error is None else repr(call.error)
             else:
-                ran = call.fence() or check.member.held_by_backend()
-                ok, detail = False, f"no answer in {check.timeout * 1000:.0f} ms"
+                ran, ok, detail = call.fence(), False, f"no answer in {check.timeout * 1000:.0f} ms"
             self._handle(check, ran, ok, call.result if ok else None, detail)
 
     def _handle(self, check: Check, ran: bool, ok: bool, result, detail: str) -> None:
