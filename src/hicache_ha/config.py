@@ -114,17 +114,38 @@ class AdminConfig(_Strict):
         default="embedded",
         description="embedded: the leader rank (TP0/PP0/DP0/CP0) serves the controller; remote: a standalone "
                     "`hicache-ha controller` does; off: no control plane (each rank fails over alone)")
+    deployment: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                            description="this deployment's id: the agent channel's keys are bound to it, so "
+                                        "deployments on one network never mix (give each its own)")
     host: str = Field(default="127.0.0.1", description="where the controller listens (HTTP and agents)")
     port: int = Field(default=18080, ge=0, le=65535, description="admin REST API port")
     agent_port: int = Field(default=18081, ge=0, le=65535, description="port the ranks' agents connect to")
-    api_key_file: Optional[Path] = Field(default=None, description="file holding the admin key (never the key itself)")
-    expected_ranks: Optional[int] = Field(default=None, ge=1, description="ranks in the deployment (default: tp × pp × cp of the leader)")
-    state_file: Optional[Path] = Field(default=None, description="where the desired state is kept (default: a file in the temp dir)")
+    api_key_file: Optional[Path] = Field(
+        default=None, description="file holding the admin key (never the key itself); every rank needs it too: "
+                                  "the agent channel's keys derive from it")
+    tls_cert_file: Optional[Path] = Field(default=None, description="serve the admin API over HTTPS with this certificate")
+    tls_key_file: Optional[Path] = Field(default=None, description="the certificate's private key")
+    expected_ranks: Optional[int] = Field(
+        default=None, ge=1, description="ranks in the deployment (default: tp × pp × cp × dp, the DP size read "
+                                        "from SGLang's parallel state)")
+    attach_roots: list[Path] = Field(
+        default_factory=list, description="directories under which backends attached over the API may keep files "
+                                          "(none: no file-based backend can be attached over the API)")
+    state_file: Optional[Path] = Field(
+        default=None, description="where the desired state is kept (default: <private state dir>/state-<deployment>.json)")
     state_redis_url: Optional[str] = Field(default=None, description="keep the desired state in Redis instead (fleets)")
+    lease_ms: int = Field(default=3000, ge=100, description="leadership lease of a controller; a standby takes over after it")
+    prepare_ttl_ms: int = Field(default=60_000, ge=100, description="a prepared switch not committed by then is dropped by the rank")
     heartbeat_ms: int = Field(default=500, ge=10, description="agent heartbeat period")
     rank_timeout_ms: int = Field(default=3000, ge=50, description="a rank silent this long counts as missing")
     command_timeout_ms: int = Field(default=10_000, ge=10, description="how long the controller waits for a rank's answer")
     group_failover_timeout_ms: int = Field(default=1000, ge=0, description="a rank fails over alone if the controller has not moved the group by then")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "AdminConfig":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("admin.tls_cert_file and admin.tls_key_file go together: give both or neither")
+        return self
 
 
 class WebhookConfig(_Strict):

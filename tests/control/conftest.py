@@ -8,11 +8,13 @@ from hicache_ha.config import parse
 from hicache_ha.control.agent import Agent
 from hicache_ha.control.api import create_app
 from hicache_ha.control.controller import Controller
+from hicache_ha.control.keys import channel_keys
 from hicache_ha.control.state import FileStateStore
 from hicache_ha.sim.servers import free_port
 
 KEY = "test-admin-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+KEYS = channel_keys(KEY, "default")
 
 
 def wait_for(predicate, timeout=10.0, what="condition"):
@@ -42,7 +44,7 @@ class Cluster:
 
     def start_controller(self):
         self.controller = Controller(self.config, store=self.store, expected_ranks=self.n,
-                                     bind=f"tcp://127.0.0.1:{self.port}")
+                                     bind=f"tcp://127.0.0.1:{self.port}", keys=KEYS)
         self.client = TestClient(create_app(self.controller, KEY))
 
     def rank_manager(self, r):
@@ -50,9 +52,10 @@ class Cluster:
 
     def agent(self, m):
         admin = self.config.admin
-        return Agent(m, f"tcp://127.0.0.1:{self.port}", heartbeat_s=admin.heartbeat_ms / 1000,
+        return Agent(m, f"tcp://127.0.0.1:{self.port}", keys=KEYS, heartbeat_s=admin.heartbeat_ms / 1000,
                      group_failover_timeout_s=admin.group_failover_timeout_ms / 1000,
-                     controller_timeout_s=admin.rank_timeout_ms / 1000)
+                     controller_timeout_s=admin.rank_timeout_ms / 1000, prepare_ttl_s=admin.prepare_ttl_ms / 1000,
+                     attach_roots=admin.attach_roots)
 
     def epochs(self):
         return {(m.epoch, m.active.name if m.active else None) for m in self.managers}

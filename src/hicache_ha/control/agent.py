@@ -1,14 +1,20 @@
 """The rank side of the control plane: connects out to the controller, registers, heartbeats, and
-executes prepare / commit / abort / restore / detach on this rank's BackendManager.
+executes prepare / commit / abort / restore / detach / remove on this rank's BackendManager.
 
-The data plane never waits on the agent: commands run on the agent's own thread, and the only hook
-into the data plane is the failover handler, which sends a message and returns at once. When the
-controller does not move the whole group in time (or is unreachable), the rank fails over alone.
+It only talks to a controller that proves it holds the deployment's controller key (CURVE), and it
+refuses a command whose fencing token is older than one it has seen (a controller that lost its lease),
+a commit or detach to an epoch older than one a controller already moved it to, and a spec attached
+over the API that names a type outside the allow-list or a path outside the attach roots. A switch
+prepared and never committed expires. The data plane never waits on the agent: commands run on the
+agent's own thread, and the only hook into the data plane is the failover handler, which sends a
+message and returns at once. When the controller does not move the whole group in time (or cannot be
+reached), the rank fails over alone; it fails back only through the controller, so ranks never diverge.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -20,27 +26,38 @@ import zmq
 from ..backends.errors import ConfigError
 from ..dataplane import BackendManager, SwitchError
 from ..dataplane.member import Member
+from .keys import ChannelKeys
 from .transport import Channel
+from .twophase import check_attach
 
 log = logging.getLogger("hicache_ha.control")
 
 
+class StaleCommand(SwitchError):
+    status = 409
+
+
 class Agent:
-    def __init__(self, manager: BackendManager, endpoint: str, *, heartbeat_s: float = 0.5,
-                 group_failover_timeout_s: float = 1.0, controller_timeout_s: float = 3.0) -> None:
+    def __init__(self, manager: BackendManager, endpoint: str, *, keys: ChannelKeys, heartbeat_s: float = 0.5,
+                 group_failover_timeout_s: float = 1.0, controller_timeout_s: float = 3.0,
+                 prepare_ttl_s: float = 60.0, attach_roots: Optional[list] = None) -> None:
         self.manager = manager
         self.rank = manager.layout.rank
         self.heartbeat_s = heartbeat_s
         self.group_failover_timeout_s = group_failover_timeout_s
         self.controller_timeout_s = controller_timeout_s
+        self.prepare_ttl_s = prepare_ttl_s
+        self.attach_roots = list(attach_roots or [])
         self.last_heard: Optional[float] = None
-        self._prepared: dict = {}
+        self.max_fence = 0  # the newest controller leadership seen
+        self.max_epoch = 0  # the newest epoch a controller moved this rank to
+        self._prepared: dict[str, tuple] = {}  # token -> (Prepared, expires at)
         self._commands: SimpleQueue = SimpleQueue()
         self._failover_asked: dict[str, float] = {}  # target -> when we first asked the controller
         self._stop = threading.Event()
         self._events: deque = deque(maxlen=200)  # transitions not yet reported to the controller
         manager.events.subscribe(lambda e: self._events.append(e.to_dict()))
-        self.channel = Channel(zmq.DEALER, endpoint, bind=False, on_message=self._on_message,
+        self.channel = Channel(zmq.DEALER, endpoint, bind=False, on_message=self._on_message, keys=keys,
                                identity=f"rank-{self.rank}".encode(), name=f"agent-{self.rank}")
         manager.failover_handler = self._failover_handler
         for target, name in ((self._heartbeats, "heartbeat"), (self._execute, "commands")):
@@ -48,6 +65,7 @@ class Agent:
 
     # -- messages -----------------------------------------------------------------------------------
     def _on_message(self, _peer, msg: dict) -> None:
+        # The channel only delivers what the authenticated controller sent.
         self.last_heard = time.monotonic()
         if msg.get("type") == "command":
             self._commands.put(msg)
@@ -71,15 +89,21 @@ class Agent:
     # -- commands -----------------------------------------------------------------------------------
     def _execute(self) -> None:
         while not self._stop.is_set():
-            msg = self._commands.get()
+            try:
+                msg = self._commands.get(timeout=1.0)
+            except queue.Empty:
+                self._expire_prepared()
+                continue
             if msg is None:
                 return
+            self._expire_prepared()
             reply = {"type": "reply", "id": msg.get("id"), "rank": self.rank}
             try:
-                reply.update(ok=True, **(self._run(msg["op"], msg.get("args") or {}) or {}))
+                self._check_fence(msg.get("fence"))
+                reply.update(ok=True, **(self._run(msg.get("op"), msg.get("args") or {}) or {}))
             except SwitchError as exc:
                 reply.update(ok=False, status=exc.status, error=str(exc))
-            except (ConfigError, KeyError, ValueError) as exc:
+            except (ConfigError, KeyError, ValueError, TypeError) as exc:
                 reply.update(ok=False, status=400, error=str(exc))
             except Exception as exc:  # report, never kill the agent
                 log.exception("hicache-ha: rank %d: command %s failed", self.rank, msg.get("op"))
@@ -87,16 +111,41 @@ class Agent:
             reply["status_now"] = self.manager.status()
             self.channel.send(reply)
 
+    def _check_fence(self, fence) -> None:
+        if not isinstance(fence, int):
+            raise StaleCommand(f"rank {self.rank}: a command without a fencing token")
+        if fence < self.max_fence:
+            raise StaleCommand(f"rank {self.rank}: fencing token {fence} is older than {self.max_fence} "
+                               "(that controller is no longer the leader)")
+        self.max_fence = fence
+
+    def _check_epoch(self, epoch) -> None:
+        if isinstance(epoch, int) and epoch < self.max_epoch:
+            raise StaleCommand(f"rank {self.rank}: epoch {epoch} is older than {self.max_epoch}")
+
+    def _expire_prepared(self) -> None:
+        now = time.monotonic()
+        for token, (prepared, expires) in list(self._prepared.items()):
+            if now >= expires:
+                del self._prepared[token]
+                self.manager.abort(prepared)
+                log.warning("hicache-ha: rank %d: a prepared switch to %r was never committed; dropped",
+                            self.rank, prepared.member.name)
+
     def _run(self, op: str, args: dict) -> Optional[dict]:
         m = self.manager
         if op == "prepare":
-            target = args.get("spec") or args["backend"]
-            self._prepared[args["token"]] = m.prepare(target)
+            spec = args.get("spec")
+            if spec is not None:
+                check_attach(spec, self.attach_roots)
+            self._prepared[args["token"]] = (m.prepare(spec or args["backend"]),
+                                             time.monotonic() + self.prepare_ttl_s)
             return None
         if op == "commit":
-            prepared = self._prepared.pop(args["token"], None)
+            self._check_epoch(args.get("epoch"))
+            prepared, _ = self._prepared.pop(args["token"], (None, None))
             if prepared is None:
-                raise SwitchError(f"rank {self.rank}: no prepared switch {args['token']!r} (restarted?)")
+                raise SwitchError(f"rank {self.rank}: no prepared switch {args['token']!r} (expired or restarted)")
             try:
                 epoch = m.commit(prepared, force=args.get("force", False),
                                  drain_timeout_s=args.get("drain_timeout_s", 5.0), epoch=args.get("epoch"),
@@ -104,38 +153,57 @@ class Agent:
             except SwitchError:
                 m.abort(prepared)
                 raise
+            self.max_epoch = max(self.max_epoch, epoch)
             return {"epoch": epoch}
         if op == "abort":
-            prepared = self._prepared.pop(args.get("token"), None)
+            prepared, _ = self._prepared.pop(args.get("token"), (None, None))
             if prepared is not None:
                 m.abort(prepared)
             return None
-        if op == "restore":
+        if op == "restore":  # the rollback of a commit this leader just made
             m.restore(args["epoch"], args.get("active"))
+            self.max_epoch = args["epoch"]
             return {"epoch": m.epoch}
         if op == "detach":
-            return {"epoch": m.detach(force=args.get("force", False),
-                                      drain_timeout_s=args.get("drain_timeout_s", 5.0), epoch=args.get("epoch"))}
+            self._check_epoch(args.get("epoch"))
+            epoch = m.detach(force=args.get("force", False), drain_timeout_s=args.get("drain_timeout_s", 5.0),
+                             epoch=args.get("epoch"))
+            self.max_epoch = max(self.max_epoch, epoch)
+            return {"epoch": epoch}
+        if op == "remove":
+            m.remove_member(args["backend"])
+            return None
         raise ValueError(f"unknown command {op!r}")
 
-    # -- group failover -----------------------------------------------------------------------------
+    # -- failover and failback of the group ---------------------------------------------------------
     def _failover_handler(self, target: Member, reason: str) -> None:
         """Called by the supervisor (never an engine thread) when it wants to move traffic to ``target``."""
         now = time.monotonic()
-        if reason == "failover" and self.controller_alive:
+        if reason == "failback":  # never alone: the controller moves the whole group, once
+            if self.controller_alive:
+                self._ask(target, reason)
+            return
+        if self.controller_alive:
             asked = self._failover_asked.get(target.name)
             if asked is None or now - asked > 10 * self.group_failover_timeout_s:  # a new episode
                 asked = self._failover_asked[target.name] = now
             if now - asked < self.group_failover_timeout_s:
-                self.channel.send({"type": "failover_request", "rank": self.rank, "target": target.name,
-                                   "from": self.manager.active.name if self.manager.active else None})
+                self._ask(target, reason)
                 return
             log.warning("hicache-ha: rank %d: the controller did not fail the group over within %.1f s; "
                         "failing over alone", self.rank, self.group_failover_timeout_s)
         self._failover_asked.pop(target.name, None)
         self.manager.local_failover(target, reason)
 
+    def _ask(self, target: Member, reason: str) -> None:
+        active = self.manager.active
+        self.channel.send({"type": "failover_request", "rank": self.rank, "target": target.name,
+                           "from": active.name if active else None, "reason": reason})
+
     def close(self) -> None:
         self._stop.set()
         self._commands.put(None)
         self.channel.close()
+        for prepared, _ in self._prepared.values():
+            self.manager.abort(prepared)
+        self._prepared.clear()

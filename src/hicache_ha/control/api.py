@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as Path_
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi.security import HTTPBearer
@@ -75,7 +76,18 @@ def create_app(controller: Controller, api_key: Optional[str]) -> FastAPI:
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:
-        return {"ok": True, "ranks_alive": len(controller.alive()), "expected_ranks": controller.expected_ranks}
+        """The controller process answers (liveness)."""
+        return {"ok": True, "leader": controller.is_leader, "ranks_alive": len(controller.alive()),
+                "expected_ranks": controller.expected_ranks}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz():
+        """Ready to switch: this controller leads and every expected rank heartbeats (else 503, saying why)."""
+        missing = controller.missing()
+        ready = controller.is_leader and not missing
+        body = {"ready": ready, "leader": controller.is_leader, "missing_ranks": missing,
+                "expected_ranks": controller.expected_ranks}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/hicache/storage-backend", dependencies=secured, tags=["storage"])
     def status() -> dict:
@@ -91,6 +103,13 @@ def create_app(controller: Controller, api_key: Optional[str]) -> FastAPI:
                 responses={200: {"model": SwitchResult}, 409: {}, 503: {}})
     def detach(force: bool = False, drain_timeout_s: float = Query(default=5.0, ge=0, le=600)):
         result = controller.detach(force=force, drain_timeout_s=drain_timeout_s)
+        return JSONResponse(result.body, status_code=result.status)
+
+    @app.delete("/hicache/storage-backend/members/{name}", dependencies=secured, tags=["storage"],
+                responses={200: {}, 404: {}, 409: {}, 503: {}})
+    def remove_member(name: str = Path_(pattern=r"^[A-Za-z0-9_.-]{1,64}$")):
+        """Remove a member attached over the API from every rank (it must not be active)."""
+        result = controller.remove_member(name)
         return JSONResponse(result.body, status_code=result.status)
 
     @app.get("/hicache/storage-backend/events", dependencies=secured, tags=["storage"])

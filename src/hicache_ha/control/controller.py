@@ -1,15 +1,18 @@
-"""The controller: one desired state for every rank, changed by a two-phase switch.
+"""The controller: one desired state for every rank, one leader at a time.
 
-Phase 1 (prepare): every rank builds and probes the target; any refusal or silence aborts everywhere
-and nothing changes. Phase 2 (commit): every rank moves its active pointer to the new epoch; if one
-fails, the ranks that had committed are restored to the previous epoch (``rolled_back``). The desired
-state is persisted before and after, so a restarted controller aborts a switch it died in and brings
-every rank back to one epoch. Ranks that were away converge when they return.
+A controller leads while it holds the state store's lease; its fencing token goes with every command,
+and ranks refuse tokens older than one they have seen. A standby controller waits for the lease and
+then resumes from the persisted state (a switch it finds in flight: every rank is moved to one fresh
+epoch). The leader listens for the ranks' agents on an authenticated, encrypted channel, accepts only
+ranks whose identity fits the deployment's shape, runs two-phase switches (``twophase``), moves the
+whole group on a failover or failback one rank asks for, and converges ranks that were away.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -20,14 +23,17 @@ from typing import Callable, Optional
 import zmq
 
 from ..backends.errors import ConfigError
-from ..config import HAConfig, parse
+from ..config import HAConfig
 from ..health.breaker import CIRCUIT_BROKEN, DETACHED, HEALTHY, RECOVERING
-from .state import DesiredState, StateStore
+from .keys import ChannelKeys
+from .state import DesiredState, NotLeader, StateStore
 from .transport import Channel
+from .twophase import Outcome, TwoPhase, check_attach, failures
 
 log = logging.getLogger("hicache_ha.control")
 
 _WORST = {HEALTHY: 0, RECOVERING: 1, CIRCUIT_BROKEN: 2, DETACHED: 3}
+IDENTITY = ("tp", "pp", "dp", "cp", "tp_size", "pp_size", "dp_size", "cp_size")
 
 
 @dataclass
@@ -45,56 +51,132 @@ class _Pending:
     reply: Optional[dict] = None
 
 
-@dataclass
-class Outcome:
-    """What a controller operation answers: an HTTP status and a JSON body."""
-
-    status: int
-    body: dict
+def rank_problem(rank, identity, expected: int) -> Optional[str]:
+    """Why an agent's claimed identity does not fit the deployment (None: it fits)."""
+    if not isinstance(rank, int) or not isinstance(identity, dict):
+        return "no rank or identity"
+    if not all(isinstance(identity.get(k), int) for k in IDENTITY):
+        return f"identity lacks {', '.join(k for k in IDENTITY if not isinstance(identity.get(k), int))}"
+    i = identity
+    if any(not 0 <= i[k] < i[f"{k}_size"] for k in ("tp", "pp", "dp", "cp")):
+        return f"identity {i} has an index outside its size"
+    if i["tp_size"] * i["pp_size"] * i["dp_size"] * i["cp_size"] != expected:
+        return f"identity {i} describes {i['tp_size'] * i['pp_size'] * i['dp_size'] * i['cp_size']} ranks, " \
+               f"this deployment has {expected}"
+    if rank != i["tp"] + i["tp_size"] * (i["cp"] + i["cp_size"] * (i["pp"] + i["pp_size"] * i["dp"])):
+        return f"rank {rank} does not match identity {i}"
+    return None
 
 
 class Controller:
-    def __init__(self, config: HAConfig, *, store: StateStore, expected_ranks: int, bind: str,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: HAConfig, *, store: StateStore, expected_ranks: int, bind: str, keys: ChannelKeys,
+                 owner: Optional[str] = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.store = store
         self.expected_ranks = expected_ranks
+        self.bind = bind
+        self.keys = keys
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.clock = clock
         admin = config.admin
         self.rank_timeout_s = admin.rank_timeout_ms / 1000
         self.command_timeout_s = admin.command_timeout_ms / 1000
+        self.lease_s = admin.lease_ms / 1000
         self.ranks: dict[int, RankInfo] = {}
         self.events: deque = deque(maxlen=2000)
-        self.hooks: dict[str, list[Callable[[], None]]] = {"after_prepare": []}  # for tests and plugins
+        self.listeners: list[Callable[[dict], None]] = []  # every event (rank transitions, switches)
+        self.switch_results: dict[tuple[str, str], int] = {}
+        self.desired = DesiredState(epoch=1, active=config.backends[0].name)
+        self.fence: Optional[int] = None  # our fencing token while we lead
+        self.channel: Optional[Channel] = None
         self._lock = threading.Lock()
         self._switch = threading.Lock()
         self._pending: dict[str, _Pending] = {}
-        self._failing_over = threading.Event()
-        self.switch_results: dict[tuple[str, str], int] = {}
-        self.listeners: list[Callable[[dict], None]] = []  # every event (rank transitions, switches)
-        desired = store.load()
-        self.desired = desired or DesiredState(epoch=1, active=config.backends[0].name)
-        self._resume()
-        self.channel = Channel(zmq.ROUTER, bind, bind=True, on_message=self._on_message, name="controller")
+        self._moving_group = threading.Event()
+        self._refused: dict[int, float] = {}  # rank -> when an impostor was last logged
+        self._twophase = TwoPhase(self)
         self._stop = threading.Event()
-        self._converger = threading.Thread(target=self._converge_loop, name="hicache-ha-converge", daemon=True)
-        self._converger.start()
+        self._lead_once()  # a controller that can lead does so from the start
+        self._threads = [threading.Thread(target=loop, name=f"hicache-ha-{name}", daemon=True)
+                         for loop, name in ((self._lead_loop, "lease"), (self._converge_loop, "converge"))]
+        for t in self._threads:
+            t.start()
 
-    # -- persistence ----------------------------------------------------------------------------------
-    def _save(self) -> None:
-        self.store.save(self.desired)
+    # -- leadership ---------------------------------------------------------------------------------
+    @property
+    def is_leader(self) -> bool:
+        return self.fence is not None
 
-    def _resume(self) -> None:
-        inflight = self.desired.switch_in_flight
-        if inflight:
-            # We died mid-switch. Ranks may be prepared or even committed: converge them all back to
-            # the last desired state, which the switch had not replaced yet.
-            self._event(None, None, "switch", "aborted", f"controller restarted during switch to {inflight.get('target')!r}")
-            self.desired.switch_in_flight = None
-            self._save()
+    def _lead_loop(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                self._lead_once()
+            except Exception:  # a store hiccup must not kill the loop
+                log.exception("hicache-ha: leadership step failed")
 
-    def _event(self, rank: Optional[int], backend: Optional[str], from_state: str, to_state: str, reason: str,
-               at: Optional[float] = None) -> None:
+    def _lead_once(self) -> None:
+        try:
+            if self.fence is None:
+                fence = self.store.acquire(self.owner, self.lease_s)
+                if fence is not None:
+                    self._become_leader(fence)
+            elif not self.store.renew(self.owner, self.fence, self.lease_s):
+                self._step_down("the lease was lost")
+        except (OSError, ConnectionError) as exc:
+            if self.fence is not None:
+                self._step_down(f"the state store is unreachable ({exc})")
+        except Exception as exc:  # e.g. redis-py's errors
+            if self.fence is not None:
+                self._step_down(f"the state store failed ({exc!r})")
+            else:
+                log.warning("hicache-ha: cannot take the leadership: %r", exc)
+
+    def _become_leader(self, fence: int) -> None:
+        desired = self.store.load() or DesiredState(epoch=1, active=self.config.backends[0].name)
+        inflight = desired.switch_in_flight
+        if inflight is not None:
+            # The previous leader died mid-way: ranks may be prepared, committed, or not. One fresh epoch
+            # past anything it could have used brings every live rank to one state.
+            desired.epoch, desired.active = inflight.base_epoch + 2, inflight.base_active
+            desired.switch_in_flight = None
+            self.event(None, inflight.target, inflight.kind, "aborted",
+                       f"a controller died during a {inflight.kind}; every rank converges to epoch {desired.epoch}")
+        self.desired, self.fence = desired, fence
+        self.save()
+        try:
+            self.channel = Channel(zmq.ROUTER, self.bind, bind=True, on_message=self._on_message, keys=self.keys,
+                                   name="controller")
+        except zmq.ZMQError as exc:
+            self._step_down(f"cannot listen for agents on {self.bind}: {exc}")
+            return
+        log.info("hicache-ha: controller %s leads deployment %r (fencing token %d)", self.owner, self.keys.deployment,
+                 fence)
+
+    def _step_down(self, why: str) -> None:
+        log.error("hicache-ha: controller %s stops leading: %s", self.owner, why)
+        self.fence = None
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def save(self) -> None:
+        if self.fence is None:
+            raise NotLeader("not the leader")
+        self.store.save(self.desired, self.fence)
+
+    def save_if_leader(self) -> None:
+        try:
+            self.save()
+        except (NotLeader, OSError, ConnectionError) as exc:
+            log.error("hicache-ha: the desired state was not saved: %s", exc)
+
+    def not_leader(self) -> Outcome:
+        return Outcome(503, {"error": "this controller is a standby; the leader is "
+                                      f"{self.store.leader() or 'unknown'}", "leader": self.store.leader()})
+
+    # -- events -------------------------------------------------------------------------------------
+    def event(self, rank: Optional[int], backend: Optional[str], from_state: str, to_state: str, reason: str,
+              at: Optional[float] = None) -> None:
         self._publish({"time": at or time.time(), "rank": rank, "backend": backend, "from": from_state,
                        "to": to_state, "reason": reason})
 
@@ -106,46 +188,56 @@ class Controller:
             except Exception:  # a broken listener must not break the controller
                 log.exception("hicache-ha: event listener failed")
 
-    # -- messages from ranks ----------------------------------------------------------------------------
+    # -- messages from ranks ------------------------------------------------------------------------
     def _on_message(self, peer: Optional[bytes], msg: dict) -> None:
-        kind = msg.get("type")
-        rank = msg.get("rank")
-        if not isinstance(rank, int):
+        kind, rank = msg.get("type"), msg.get("rank")
+        if kind in ("register", "heartbeat"):
+            problem = rank_problem(rank, msg.get("identity"), self.expected_ranks)
+            if problem is not None or peer != f"rank-{rank}".encode():
+                self._refuse(rank, problem or f"connection identity {peer!r} is not rank-{rank}")
+                return
+        elif not isinstance(rank, int) or rank not in self.ranks:
             return
         now = self.clock()
         with self._lock:
             info = self.ranks.get(rank)
             if kind in ("register", "heartbeat"):
                 if info is None:
-                    info = self.ranks[rank] = RankInfo(rank, msg.get("identity") or {}, msg.get("status") or {}, now)
-                    self._event(rank, None, "absent", "registered", "agent connected")
-                info.identity = msg.get("identity") or info.identity
+                    info = self.ranks[rank] = RankInfo(rank, msg["identity"], {}, now)
+                    self.event(rank, None, "absent", "registered", "agent connected")
+                info.identity = msg["identity"]
                 self._update_status(info, msg.get("status"))
                 info.last_seen = now
                 for e in msg.get("events") or []:
-                    self._publish({**e, "rank": rank})
-                ack = {"type": "ack", "epoch": self.desired.epoch, "active": self.desired.active}
+                    if isinstance(e, dict):
+                        self._publish({**e, "rank": rank})
             elif kind == "reply":
-                if info is not None:
-                    info.last_seen = now
-                    self._update_status(info, msg.get("status_now"))
+                info.last_seen = now
+                self._update_status(info, msg.get("status_now"))
                 pending = self._pending.get(msg.get("id"))
                 if pending is not None:
                     pending.reply = msg
                     pending.done.set()
-        if kind in ("register", "heartbeat") and peer is not None:
-            self.channel.send(ack, to=peer)  # tells the agent its controller is alive
-        if kind == "failover_request" and not self._failing_over.is_set():
-            self._failing_over.set()  # one group failover at a time; ranks repeat their request
-            threading.Thread(target=self._group_failover, args=(rank, msg.get("target"), msg.get("from")),
-                             daemon=True).start()
+        if kind in ("register", "heartbeat") and self.channel is not None:
+            self.channel.send({"type": "ack", "fence": self.fence}, to=peer)  # tells the agent its controller lives
+        if kind == "failover_request" and not self._moving_group.is_set():
+            self._moving_group.set()  # one group move at a time; ranks repeat their request
+            threading.Thread(target=self._group_move, args=(rank, msg.get("target"), msg.get("from"),
+                                                             msg.get("reason", "failover")), daemon=True).start()
+
+    def _refuse(self, rank, problem: str) -> None:
+        now = self.clock()
+        key = rank if isinstance(rank, int) else -1
+        if now - self._refused.get(key, -1e9) > 10:
+            self._refused[key] = now
+            log.warning("hicache-ha: refused an agent claiming rank %r: %s", rank, problem)
 
     @staticmethod
     def _update_status(info: RankInfo, status: Optional[dict]) -> None:
-        if status and status.get("seq", 0) >= info.status.get("seq", 0):
+        if isinstance(status, dict) and isinstance(status.get("seq"), int) and status["seq"] >= info.status.get("seq", 0):
             info.status = status
 
-    # -- commands to ranks ------------------------------------------------------------------------------
+    # -- commands to ranks --------------------------------------------------------------------------
     def alive(self) -> list[int]:
         now = self.clock()
         with self._lock:
@@ -157,14 +249,17 @@ class Controller:
 
     def call(self, ranks: list[int], op: str, args: dict, timeout: float) -> dict[int, Optional[dict]]:
         """Send ``op`` to each rank and wait for all replies; a rank silent until ``timeout`` maps to None."""
+        channel = self.channel
+        if self.fence is None or channel is None:
+            raise NotLeader("not the leader")
         ids = {}
         with self._lock:
             for r in ranks:
-                cid = uuid.uuid4().hex
-                ids[r] = cid
-                self._pending[cid] = _Pending()
+                ids[r] = uuid.uuid4().hex
+                self._pending[ids[r]] = _Pending()
         for r, cid in ids.items():
-            self.channel.send({"type": "command", "id": cid, "op": op, "args": args}, to=f"rank-{r}".encode())
+            channel.send({"type": "command", "id": cid, "op": op, "args": args, "fence": self.fence},
+                         to=f"rank-{r}".encode())
         deadline = self.clock() + timeout
         out = {}
         for r, cid in ids.items():
@@ -176,139 +271,99 @@ class Controller:
                 self._pending.pop(cid, None)
         return out
 
-    # -- the two-phase switch -------------------------------------------------------------------------
+    # -- the switch API -----------------------------------------------------------------------------
     def known_backends(self) -> list[str]:
-        return [b.name for b in self.config.backends] + [n for n in self.desired.specs if n not in
-                                                          {b.name for b in self.config.backends}]
-
-    def _begin(self, wait_s: float) -> Optional[Outcome]:
-        """Take the one-switch-at-a-time lock (a convergence step holds it briefly), or say why not."""
-        if self._switch.acquire(timeout=wait_s):
-            return None
-        return Outcome(409, {"error": "another switch is in progress; retry when it is done"})
+        configured = [b.name for b in self.config.backends]
+        return configured + [n for n in self.desired.specs if n not in configured]
 
     def _count(self, kind: str, outcome: Outcome) -> Outcome:
         result = {200: "ok", 404: "unknown", 409: "conflict", 422: "invalid"}.get(outcome.status, "failed")
         if outcome.body.get("rolled_back") is not None:
             result = "rolled_back"
-        key = (kind, result)
-        self.switch_results[key] = self.switch_results.get(key, 0) + 1
+        self.switch_results[(kind, result)] = self.switch_results.get((kind, result), 0) + 1
         return outcome
 
-    def switch(self, backend: Optional[str] = None, spec: Optional[dict] = None, *, force: bool = False,
-               drain_timeout_s: float = 5.0, reason: str = "switch", wait_s: float = 5.0) -> Outcome:
-        kind = "failover" if reason.startswith("failover") else "switch"
-        busy = self._begin(wait_s)
-        if busy:
-            return self._count(kind, busy)
+    def _locked(self, kind: str, wait_s: float, step: Callable[[], Outcome]) -> Outcome:
+        if not self.is_leader:
+            return self._count(kind, self.not_leader())
+        if not self._switch.acquire(timeout=wait_s):
+            return self._count(kind, Outcome(409, {"error": "another switch is in progress; retry when it is done"}))
         try:
-            return self._count(kind, self._switch_locked(backend, spec, force, drain_timeout_s, reason))
+            if not self.is_leader:
+                return self._count(kind, self.not_leader())
+            return self._count(kind, step())
         finally:
             self._switch.release()
 
-    def _switch_locked(self, backend, spec, force, drain_timeout_s, reason) -> Outcome:
-        if spec is not None:
-            try:
-                name = parse({"backends": [spec]}).backends[0].name
-            except ConfigError as exc:
-                return Outcome(422, {"error": str(exc)})
-        else:
-            name = backend
-            if name not in self.known_backends():
-                return Outcome(404, {"error": f"unknown backend {name!r}", "backends": self.known_backends()})
-        ranks = self.alive()
-        missing = self.missing()
-        if missing and not force:
-            return Outcome(503, {"error": "ranks missing; nothing changed (force to switch the ranks present)",
-                                 "missing": missing})
-        if not ranks:
-            return Outcome(503, {"error": "no rank is connected; nothing changed", "missing": missing})
-        base_epoch, base_active = self.desired.epoch, self.desired.active
-        token, epoch = uuid.uuid4().hex, base_epoch + 1
-        self.desired.switch_in_flight = {"token": token, "target": name, "base_epoch": base_epoch}
-        self._save()
-        self._event(None, name, base_active or "none", "preparing", reason)
-        try:
-            replies = self.call(ranks, "prepare", {"token": token, "backend": name, "spec": spec}, self.command_timeout_s)
-            refused = _failures(replies)
-            if refused:
-                self.call(ranks, "abort", {"token": token}, self.command_timeout_s)
-                self._event(None, name, "preparing", "aborted", f"prepare refused on ranks {sorted(refused)}")
-                return Outcome(503, {"error": "prepare refused; nothing changed", "failed": _describe(refused),
-                                     "epoch": base_epoch, "active": base_active})
-            for hook in self.hooks["after_prepare"]:
-                hook()
-            replies = self.call(ranks, "commit", {"token": token, "epoch": epoch, "force": force,
-                                                  "drain_timeout_s": drain_timeout_s, "reason": reason},
-                                self.command_timeout_s + drain_timeout_s)
-            failed = _failures(replies)
-            if failed:
-                committed = [r for r in ranks if r not in failed]
-                self.call(committed, "restore", {"epoch": base_epoch, "active": base_active}, self.command_timeout_s)
-                self.call(sorted(failed), "abort", {"token": token}, self.command_timeout_s)
-                status = 409 if all((f or {}).get("status") == 409 for f in failed.values()) else 503
-                self._event(None, name, "committing", "rolled back",
-                            f"commit failed on ranks {sorted(failed)}; restored ranks {committed}")
-                return Outcome(status, {"error": "commit failed; the ranks that had moved were rolled back",
-                                        "failed": _describe(failed), "rolled_back": committed,
-                                        "epoch": base_epoch, "active": base_active})
-            self.desired.epoch, self.desired.active = epoch, name
+    def switch(self, backend: Optional[str] = None, spec: Optional[dict] = None, *, force: bool = False,
+               drain_timeout_s: float = 5.0, reason: str = "switch", wait_s: float = 5.0,
+               expect_active: Optional[str] = None) -> Outcome:
+        """Switch every rank to ``backend`` (or attach ``spec``). ``expect_active``: only if the desired
+        member is still this one (checked under the switch lock: a stale group move changes nothing)."""
+        kind = reason.split(" ")[0] if reason.startswith(("failover", "failback")) else "switch"
+
+        def step() -> Outcome:
+            if expect_active is not None and self.desired.active != expect_active:
+                return Outcome(409, {"error": f"stale: the group is on {self.desired.active!r} already"})
             if spec is not None:
-                self.desired.specs[name] = spec
-            self._event(None, name, base_active or "none", name, reason)
-            return Outcome(200, {"epoch": epoch, "active": name, "ranks": ranks, "missing": missing})
-        finally:
-            self.desired.switch_in_flight = None
-            self._save()
+                try:
+                    name = check_attach(spec, self.config.admin.attach_roots)
+                except ConfigError as exc:
+                    return Outcome(422, {"error": str(exc)})
+            else:
+                name = backend
+                if name not in self.known_backends():
+                    return Outcome(404, {"error": f"unknown backend {name!r}", "backends": self.known_backends()})
+            return self._twophase.switch(name, spec, force, drain_timeout_s, reason)
+
+        return self._locked(kind, wait_s, step)
 
     def detach(self, *, force: bool = False, drain_timeout_s: float = 5.0, wait_s: float = 5.0) -> Outcome:
-        busy = self._begin(wait_s)
-        if busy:
-            return self._count("detach", busy)
-        try:
-            return self._count("detach", self._detach_locked(force, drain_timeout_s))
-        finally:
-            self._switch.release()
+        return self._locked("detach", wait_s, lambda: self._twophase.detach(force, drain_timeout_s))
 
-    def _detach_locked(self, force: bool, drain_timeout_s: float) -> Outcome:
-        ranks, missing = self.alive(), self.missing()
-        if missing and not force:
-            return Outcome(503, {"error": "ranks missing; nothing changed", "missing": missing})
-        base_epoch, base_active = self.desired.epoch, self.desired.active
-        epoch = base_epoch + 1
-        replies = self.call(ranks, "detach", {"epoch": epoch, "force": force, "drain_timeout_s": drain_timeout_s},
-                            self.command_timeout_s + drain_timeout_s)
-        failed = _failures(replies)
-        if failed:
-            committed = [r for r in ranks if r not in failed]
-            self.call(committed, "restore", {"epoch": base_epoch, "active": base_active}, self.command_timeout_s)
-            status = 409 if all((f or {}).get("status") == 409 for f in failed.values()) else 503
-            return Outcome(status, {"error": "detach failed; the ranks that had detached were rolled back",
-                                    "failed": _describe(failed), "rolled_back": committed})
-        self.desired.epoch, self.desired.active = epoch, None
-        self._save()
-        self._event(None, base_active, base_active or "none", "none", "detached by admin")
-        return Outcome(200, {"epoch": epoch, "active": None, "ranks": ranks})
+    def remove_member(self, name: str, wait_s: float = 5.0) -> Outcome:
+        """Remove a member attached over the API from every rank (configured members stay)."""
 
-    # -- failover of the whole group --------------------------------------------------------------------
-    def _group_failover(self, rank: int, target: Optional[str], from_: Optional[str]) -> None:
+        def step() -> Outcome:
+            if name not in self.desired.specs:
+                return Outcome(404 if name not in self.known_backends() else 409, {
+                    "error": f"{name!r} is not a member attached over the API; those are: {sorted(self.desired.specs)}"})
+            if self.desired.active == name:
+                return Outcome(409, {"error": f"{name!r} is active: switch to another member first"})
+            ranks = self.alive()
+            failed = failures(self.call(ranks, "remove", {"backend": name}, self.command_timeout_s))
+            if failed:
+                return Outcome(503, {"error": "some ranks did not remove it; retry", "failed": sorted(failed)})
+            del self.desired.specs[name]
+            self.save()
+            self.event(None, name, "attached", "removed", "removed by admin")
+            return Outcome(200, {"removed": name, "ranks": ranks})
+
+        return self._locked("remove", wait_s, step)
+
+    # -- group moves: a failover or a failback one rank asks for --------------------------------------
+    def _group_move(self, rank: int, target: Optional[str], from_: Optional[str], reason: str) -> None:
         try:
-            if not target or from_ != self.desired.active or target == self.desired.active:
-                return  # stale, or the group already moved
-            log.info("hicache-ha: rank %d asks to fail the group over from %r to %r", rank, from_, target)
-            result = self.switch(backend=target, force=True, drain_timeout_s=0.0,
-                                 reason=f"failover (asked by rank {rank})", wait_s=0.5)
-            if result.status != 200:
-                log.warning("hicache-ha: group failover to %r failed (%d): %s", target, result.status,
+            if not target or target == from_ or not isinstance(reason, str):
+                return
+            label = "failback" if reason == "failback" else "failover"
+            log.info("hicache-ha: rank %d asks to move the group from %r to %r (%s)", rank, from_, target, label)
+            result = self.switch(backend=target, force=True, drain_timeout_s=0.0, wait_s=0.5, expect_active=from_,
+                                 reason=f"{label} (asked by rank {rank})")
+            if result.status not in (200, 409):
+                log.warning("hicache-ha: group %s to %r failed (%d): %s", label, target, result.status,
                             result.body.get("error"))
         finally:
-            self._failing_over.clear()
+            self._moving_group.clear()
 
-    # -- convergence ------------------------------------------------------------------------------------
+    # -- convergence --------------------------------------------------------------------------------
     def _converge_loop(self) -> None:
         while not self._stop.wait(0.25):
             try:
-                self.converge()
+                if self.is_leader:
+                    self.converge()
+            except NotLeader:
+                pass
             except Exception:
                 log.exception("hicache-ha: converge step failed")
 
@@ -325,10 +380,11 @@ class Controller:
             if (st.get("epoch"), st.get("active")) == want or now < info.converge_after:
                 continue
             info.converge_after = now + 2.0
-            states = {b["name"]: b["state"] for b in st.get("backends", [])}
+            states = {b.get("name"): b.get("state") for b in st.get("backends", []) if isinstance(b, dict)}
             active = self.desired.active
             if active in states and states[active] != HEALTHY and st.get("active") not in (None, active):
-                self._group_failover(r, st["active"], active)
+                self._moving_group.set()
+                self._group_move(r, st["active"], active, "failover")
                 return
             if not self._switch.acquire(blocking=False):
                 return
@@ -344,15 +400,15 @@ class Controller:
             return
         token = uuid.uuid4().hex
         spec = self.desired.specs.get(active)
-        replies = self.call([rank], "prepare", {"token": token, "backend": active, "spec": spec}, self.command_timeout_s)
-        if _failures(replies):
+        if failures(self.call([rank], "prepare", {"token": token, "backend": active, "spec": spec},
+                              self.command_timeout_s)):
             self.call([rank], "abort", {"token": token}, self.command_timeout_s)
             return
-        replies = self.call([rank], "commit", {"token": token, "epoch": epoch, "force": True}, self.command_timeout_s)
-        if not _failures(replies):
-            self._event(rank, active, f"epoch {status.get('epoch')}", f"epoch {epoch}", "converged to the desired state")
+        if not failures(self.call([rank], "commit", {"token": token, "epoch": epoch, "force": True,
+                                                     "reason": "converge"}, self.command_timeout_s)):
+            self.event(rank, active, f"epoch {status.get('epoch')}", f"epoch {epoch}", "converged to the desired state")
 
-    # -- status -----------------------------------------------------------------------------------------
+    # -- status -------------------------------------------------------------------------------------
     def status(self) -> dict:
         now = self.clock()
         alive = set(self.alive())
@@ -361,7 +417,8 @@ class Controller:
             ranks = [{"rank": i.rank, "identity": i.identity, "alive": i.rank in alive,
                       "last_seen_s": round(now - i.last_seen, 3), "epoch": i.status.get("epoch"),
                       "active": i.status.get("active"), "in_flight": i.status.get("in_flight", 0),
-                      "backends": {b["name"]: b["state"] for b in i.status.get("backends", [])}}
+                      "backends": {b.get("name"): b.get("state") for b in i.status.get("backends", [])
+                                   if isinstance(b, dict)}}
                      for i in infos]
         backends = []
         for name in self.known_backends():
@@ -369,11 +426,12 @@ class Controller:
             worst = max(states, key=lambda s: _WORST.get(s, 0)) if states else "unknown"
             spec = next((b for b in self.config.backends if b.name == name), None)
             type_ = spec.type if spec else (self.desired.specs.get(name) or {}).get("type")
-            backends.append({"name": name, "type": type_, "state": worst,
+            backends.append({"name": name, "type": type_, "state": worst, "attached": name in self.desired.specs,
                              "ranks": {str(r["rank"]): r["backends"].get(name) for r in ranks if name in r["backends"]}})
-        return {"epoch": self.desired.epoch, "active": self.desired.active,
-                "switch_in_progress": self._switch.locked(), "expected_ranks": self.expected_ranks,
-                "missing_ranks": self.missing(), "backends": backends, "ranks": ranks}
+        return {"epoch": self.desired.epoch, "active": self.desired.active, "leader": self.is_leader,
+                "deployment": self.keys.deployment, "switch_in_progress": self._switch.locked(),
+                "expected_ranks": self.expected_ranks, "missing_ranks": self.missing(), "backends": backends,
+                "ranks": ranks}
 
     def rank_statuses(self) -> list[tuple[int, dict]]:
         """(rank, last status) for every rank that ever registered, for the metrics collector."""
@@ -386,14 +444,14 @@ class Controller:
 
     def close(self) -> None:
         self._stop.set()
-        self._converger.join(self.command_timeout_s)
-        self.channel.close()
-
-
-def _failures(replies: dict[int, Optional[dict]]) -> dict[int, Optional[dict]]:
-    return {r: rep for r, rep in replies.items() if rep is None or not rep.get("ok")}
-
-
-def _describe(failed: dict[int, Optional[dict]]) -> list[dict]:
-    return [{"rank": r, "status": (rep or {}).get("status", 504),
-             "reason": (rep or {}).get("error", "no answer in time")} for r, rep in sorted(failed.items())]
+        for t in self._threads:
+            t.join(self.command_timeout_s)
+        if self.fence is not None:
+            try:
+                self.store.release(self.owner, self.fence)
+            except Exception:  # the lease expires by itself
+                log.debug("hicache-ha: releasing the lease failed", exc_info=True)
+            self.fence = None
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None

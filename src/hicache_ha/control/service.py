@@ -1,11 +1,14 @@
-"""Run the control plane: the controller with its HTTP server, and the agent of each rank."""
+"""Run the control plane: the controller with its HTTP server, and the agent of each rank.
+
+Nothing here can stop SGLang from starting or serving: ``attach_control_plane`` turns every failure to
+start (no admin key, the agent port taken, the state store down, an unreadable state) into a log line
+and a rank on local failover.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -19,9 +22,10 @@ from ..observe.metrics import serve_process_metrics
 from ..observe.webhooks import WebhookSink
 from .agent import Agent
 from .api import create_app
-from .auth import load_api_key
+from .auth import ENV_KEY, load_api_key
 from .controller import Controller
-from .state import FileStateStore, RedisStateStore, StateStore
+from .keys import ChannelKeys, channel_keys
+from .state import FileStateStore, RedisStateStore, StateStore, default_state_dir
 
 log = logging.getLogger("hicache_ha.control")
 
@@ -29,13 +33,23 @@ log = logging.getLogger("hicache_ha.control")
 def state_store(config: HAConfig) -> StateStore:
     admin = config.admin
     if admin.state_redis_url:
-        return RedisStateStore(admin.state_redis_url)
-    path = admin.state_file or os.path.join(tempfile.gettempdir(), f"hicache-ha-state-{admin.port}.json")
-    return FileStateStore(path)
+        return RedisStateStore(admin.state_redis_url, admin.deployment)
+    return FileStateStore(admin.state_file or default_state_dir() / f"state-{admin.deployment}.json")
 
 
 def connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def keys_for(config: HAConfig, api_key: Optional[str] = None) -> ChannelKeys:
+    """The agent channel's keys; raises ConfigError naming where the admin key should come from."""
+    from ..backends.errors import ConfigError
+
+    secret = load_api_key(api_key, config.admin.api_key_file)
+    if not secret:
+        raise ConfigError(f"the control plane needs the admin key on every rank (${ENV_KEY} or admin.api_key_file): "
+                          "the agent channel is authenticated with keys derived from it")
+    return channel_keys(secret, config.admin.deployment)
 
 
 @dataclass
@@ -44,11 +58,12 @@ class ControllerService:
     server: uvicorn.Server
     thread: threading.Thread
     port: int
+    tls: bool = False
     webhooks: Optional[WebhookSink] = None
 
     @property
     def url(self) -> str:
-        return f"http://{connect_host(self.controller.config.admin.host)}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{connect_host(self.controller.config.admin.host)}:{self.port}"
 
     def close(self) -> None:
         self.server.should_exit = True
@@ -61,18 +76,23 @@ class ControllerService:
 def start_controller(config: HAConfig, *, expected_ranks: int, api_key: Optional[str] = None,
                      port: Optional[int] = None, agent_port: Optional[int] = None,
                      store: Optional[StateStore] = None) -> ControllerService:
-    """Start the controller and its HTTP server in background threads. Raises OSError if a port is taken."""
+    """Start the controller and its HTTP server in background threads. Raises OSError if the HTTP port is
+    taken, ConfigError without an admin key. A controller that cannot lead yet (another one does) waits
+    as a standby and takes over when the lease is free."""
     admin = config.admin
     port = admin.port if port is None else port
     agent_port = admin.agent_port if agent_port is None else agent_port
+    key = load_api_key(api_key, admin.api_key_file)
+    keys = keys_for(config, key)
     sock = socket.socket(socket.AF_INET6 if ":" in admin.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((admin.host, port))  # bind here, so a taken port is an OSError for the caller
-    key = load_api_key(api_key, admin.api_key_file)
     controller = Controller(config, store=store or state_store(config), expected_ranks=expected_ranks,
-                            bind=f"tcp://{admin.host}:{agent_port}")
-    server = uvicorn.Server(uvicorn.Config(create_app(controller, key), log_level="warning", access_log=False,
-                                           lifespan="off"))
+                            bind=f"tcp://{admin.host}:{agent_port}", keys=keys)
+    tls = admin.tls_cert_file is not None
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(controller, key), log_level="warning", access_log=False, lifespan="off",
+        ssl_certfile=str(admin.tls_cert_file) if tls else None, ssl_keyfile=str(admin.tls_key_file) if tls else None))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="hicache-ha-admin-http",
                               daemon=True)
     thread.start()
@@ -86,7 +106,7 @@ def start_controller(config: HAConfig, *, expected_ranks: int, api_key: Optional
     if config.observe.webhooks:
         sink = WebhookSink(config.observe.webhooks, config.observe.webhook_queue)
         controller.listeners.append(sink)
-    return ControllerService(controller, server, thread, sock.getsockname()[1], sink)
+    return ControllerService(controller, server, thread, sock.getsockname()[1], tls, sink)
 
 
 @dataclass
@@ -111,9 +131,24 @@ class ControlPlane:
 
 
 def attach_control_plane(manager: BackendManager, config: HAConfig) -> ControlPlane:
-    """Per DESIGN: the leader rank serves the controller (embedded mode); every rank runs an agent."""
-    admin, observe = config.admin, config.observe
+    """Per DESIGN: the leader rank serves the controller (embedded mode); every rank runs an agent. Never
+    raises: whatever fails leaves the rank on local failover, and says why."""
     plane = ControlPlane()
+    try:
+        _attach(plane, manager, config)
+    except Exception as exc:
+        log.error("hicache-ha: rank %d: the control plane did not start (%s); this rank fails over on its own",
+                  manager.layout.rank, exc)
+        plane.close()
+        plane = ControlPlane()
+    if plane.agent is None and config.observe.webhooks:  # no controller to send them: each process sends its own
+        plane.webhooks = WebhookSink(config.observe.webhooks, config.observe.webhook_queue)
+        manager.events.subscribe(plane.webhooks)
+    return plane
+
+
+def _attach(plane: ControlPlane, manager: BackendManager, config: HAConfig) -> None:
+    admin, observe = config.admin, config.observe
     if observe.metrics_port is not None:
         try:
             plane.metrics_server, _ = serve_process_metrics(observe.metrics_port,
@@ -121,23 +156,19 @@ def attach_control_plane(manager: BackendManager, config: HAConfig) -> ControlPl
         except OSError as exc:
             log.error("hicache-ha: cannot serve /metrics on port %d: %s", observe.metrics_port, exc)
     if admin.mode == "off":
-        if observe.webhooks:  # no controller to send them: each process sends its own
-            plane.webhooks = WebhookSink(observe.webhooks, observe.webhook_queue)
-            manager.events.subscribe(plane.webhooks)
-        return plane
-    service = None
+        return
+    keys = keys_for(config)
     layout = manager.layout
     if admin.mode == "embedded" and layout.is_leader:
-        expected = admin.expected_ranks or layout.tp_size * layout.pp_size * layout.cp_size
+        expected = admin.expected_ranks or layout.ranks
         try:
-            service = start_controller(config, expected_ranks=expected)
-            log.info("hicache-ha: controller serving the admin API on %s", service.url)
-        except OSError as exc:
+            plane.service = start_controller(config, expected_ranks=expected)
+            log.info("hicache-ha: controller serving the admin API on %s", plane.service.url)
+        except Exception as exc:  # a taken port, an unreachable state store: the ranks go on alone
             log.error("hicache-ha: cannot start the embedded controller on %s:%d/%d (%s); ranks fail over "
                       "alone until one is reachable", admin.host, admin.port, admin.agent_port, exc)
-    plane.service = service
-    plane.agent = Agent(manager, f"tcp://{connect_host(admin.host)}:{admin.agent_port}",
+    plane.agent = Agent(manager, f"tcp://{connect_host(admin.host)}:{admin.agent_port}", keys=keys,
                         heartbeat_s=admin.heartbeat_ms / 1000,
                         group_failover_timeout_s=admin.group_failover_timeout_ms / 1000,
-                        controller_timeout_s=admin.rank_timeout_ms / 1000)
-    return plane
+                        controller_timeout_s=admin.rank_timeout_ms / 1000,
+                        prepare_ttl_s=admin.prepare_ttl_ms / 1000, attach_roots=admin.attach_roots)

@@ -1,74 +1,239 @@
-"""The controller's desired state (epoch, active member, attached specs, a switch in flight), persisted
-so that a restarted controller resumes and a rank that was away converges to it."""
+"""The controller's desired state, and the lease that makes one controller the leader.
+
+The desired state (epoch, active member, members attached over the API, a switch or detach in flight)
+is persisted so that a restarted controller resumes and a rank that was away converges to it. It is
+validated when read; a document that does not validate is moved aside (kept for inspection) and the
+controller starts from its configuration, it never crashes on it.
+
+Standalone controllers elect one leader through the store: a lease with a fencing token that grows with
+every new leader. Only the leader saves (compare-and-set on its lease) and commands ranks, and every
+command carries its token: a rank refuses a token older than one it has seen, so a controller that lost
+its lease (a pause, a partition) cannot move a rank any more.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
-import tempfile
+import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+log = logging.getLogger("hicache_ha.control")
 
 
-@dataclass
-class DesiredState:
-    epoch: int = 1
+class InFlight(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str
+    kind: Literal["switch", "detach"] = "switch"
+    target: Optional[str] = None
+    base_epoch: int = Field(ge=1)
+    base_active: Optional[str] = None
+
+
+class DesiredState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int = Field(default=1, ge=1)
     active: Optional[str] = None
-    specs: dict = field(default_factory=dict)  # name -> spec of members attached through the API
-    switch_in_flight: Optional[dict] = None  # {"token", "target", "base_epoch"} between prepare and the end
+    specs: dict[str, dict[str, Any]] = Field(default_factory=dict)  # members attached through the API
+    switch_in_flight: Optional[InFlight] = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return self.model_dump_json()
 
-    @classmethod
-    def from_json(cls, text: str) -> "DesiredState":
-        return cls(**json.loads(text))
+
+class NotLeader(Exception):
+    """This controller's lease is gone: it may not change the desired state or command ranks."""
 
 
 class StateStore(ABC):
     @abstractmethod
-    def load(self) -> Optional[DesiredState]: ...
+    def load(self) -> Optional[DesiredState]:
+        """The persisted state; None when there is none (or it was unreadable and moved aside)."""
 
     @abstractmethod
-    def save(self, state: DesiredState) -> None: ...
+    def save(self, state: DesiredState, fence: int) -> None:
+        """Persist, only while ``fence`` is the current leader's token (else NotLeader)."""
+
+    @abstractmethod
+    def acquire(self, owner: str, ttl_s: float) -> Optional[int]:
+        """Become the leader: the new fencing token, or None while another one leads."""
+
+    @abstractmethod
+    def renew(self, owner: str, fence: int, ttl_s: float) -> bool:
+        """Keep the lease; False when it was lost."""
+
+    @abstractmethod
+    def release(self, owner: str, fence: int) -> None:
+        """Give the lease up (on a clean shutdown)."""
+
+    def leader(self) -> Optional[str]:
+        """Who leads now, when the store can tell."""
+        return None
+
+    @staticmethod
+    def parse(raw: str, where: str) -> Optional[DesiredState]:
+        try:
+            return DesiredState.model_validate(json.loads(raw))
+        except (ValueError, ValidationError) as exc:
+            log.error("hicache-ha: the desired state in %s is not valid (%s); starting from the configuration",
+                      where, str(exc).splitlines()[0])
+            raise
+
+
+def default_state_dir() -> Path:
+    """A private directory (0700) of this user's: $XDG_STATE_HOME/hicache-ha, else ~/.local/state/hicache-ha."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "hicache-ha"
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
 class FileStateStore(StateStore):
-    """A JSON file replaced atomically (temp file + rename): a crash leaves the old or the new state."""
+    """A JSON file replaced atomically (temp file + rename; a crash leaves the old or the new state), in a
+    private directory. The lease is an exclusive lock on ``<file>.lock``, which the kernel releases when
+    the process dies; the fencing token is a counter beside it. For controllers on one host (or one
+    shared file system that honours locks); fleets use Redis."""
 
     def __init__(self, path: os.PathLike | str) -> None:
         self.path = Path(path)
+        self._lock_fd: Optional[int] = None
+        self._fence_path = self.path.with_name(self.path.name + ".fence")
 
     def load(self) -> Optional[DesiredState]:
         try:
-            return DesiredState.from_json(self.path.read_text(encoding="utf-8"))
+            raw = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
+        try:
+            return self.parse(raw, str(self.path))
+        except (ValueError, ValidationError):
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            os.replace(self.path, aside)
+            log.error("hicache-ha: kept the unreadable state as %s", aside)
+            return None
 
-    def save(self, state: DesiredState) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-")
+    def _fence(self) -> int:
+        try:
+            return int(self._fence_path.read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def save(self, state: DesiredState, fence: int) -> None:
+        if self._lock_fd is None or self._fence() != fence:
+            raise NotLeader(f"state file {self.path}: fencing token {fence} is not the leader's")
+        self._write(self.path, state.to_json())
+
+    def _write(self, path: Path, text: str) -> None:
+        _private_dir(path.parent)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(state.to_json())
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        os.replace(tmp, path)
+
+    def acquire(self, owner: str, ttl_s: float) -> Optional[int]:
+        if self._lock_fd is not None:
+            return self._fence()
+        _private_dir(self.path.parent)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        self._lock_fd = fd
+        fence = self._fence() + 1
+        self._write(self._fence_path, str(fence))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, owner.encode(), 0)
+        return fence
+
+    def renew(self, owner: str, fence: int, ttl_s: float) -> bool:
+        return self._lock_fd is not None and self._fence() == fence
+
+    def release(self, owner: str, fence: int) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def leader(self) -> Optional[str]:
+        try:
+            return self.path.with_name(self.path.name + ".lock").read_text() or None
+        except OSError:
+            return None
 
 
 class RedisStateStore(StateStore):
-    """One key in Redis, for fleets whose controller may restart on another host."""
+    """Keys in Redis, for fleets whose controllers run on several hosts: the state, a lease with an expiry
+    (SET NX PX), and a fencing counter (INCR). Saves and renewals are compare-and-set on the lease."""
 
-    def __init__(self, url: str, key: str = "hicache-ha:desired-state") -> None:
+    _ACQUIRE = """
+        if redis.call('EXISTS', KEYS[1]) == 0 then
+            local token = redis.call('INCR', KEYS[2])
+            redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
+            return token
+        end
+        return false"""
+    _RENEW = """
+        if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+        return 0"""
+    _SAVE = """
+        if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[2], ARGV[2]) return 1 end
+        return 0"""
+    _RELEASE = """
+        if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+        return 0"""
+
+    def __init__(self, url: str, deployment: str = "default") -> None:
         import redis
 
         self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-        self.key = key
+        base = f"hicache-ha:{deployment}"
+        self.key, self.lease, self.fence_key = f"{base}:desired-state", f"{base}:leader", f"{base}:fence"
 
     def load(self) -> Optional[DesiredState]:
         raw = self.client.get(self.key)
-        return DesiredState.from_json(raw.decode()) if raw else None
+        if not raw:
+            return None
+        try:
+            return self.parse(raw.decode(), f"redis key {self.key}")
+        except (ValueError, ValidationError):
+            aside = f"{self.key}:corrupt-{int(time.time())}"
+            self.client.rename(self.key, aside)
+            log.error("hicache-ha: kept the unreadable state as redis key %s", aside)
+            return None
 
-    def save(self, state: DesiredState) -> None:
-        self.client.set(self.key, state.to_json())
+    def save(self, state: DesiredState, fence: int) -> None:
+        if not self.client.eval(self._SAVE, 2, self.lease, self.key, self._holder(fence), state.to_json()):
+            raise NotLeader(f"redis {self.lease}: fencing token {fence} is not the leader's")
+
+    def acquire(self, owner: str, ttl_s: float) -> Optional[int]:
+        self._owner = owner
+        token = self.client.eval(self._ACQUIRE, 2, self.lease, self.fence_key, owner, int(ttl_s * 1000))
+        return int(token) if token else None
+
+    def renew(self, owner: str, fence: int, ttl_s: float) -> bool:
+        return bool(self.client.eval(self._RENEW, 1, self.lease, f"{owner}|{fence}", int(ttl_s * 1000)))
+
+    def release(self, owner: str, fence: int) -> None:
+        self.client.eval(self._RELEASE, 1, self.lease, f"{owner}|{fence}")
+
+    def leader(self) -> Optional[str]:
+        raw = self.client.get(self.lease)
+        return raw.decode().rsplit("|", 1)[0] if raw else None
+
+    def _holder(self, fence: int) -> str:
+        return f"{getattr(self, '_owner', '')}|{fence}"

@@ -1,5 +1,12 @@
 """Message channel between the controller (ROUTER, binds) and the ranks' agents (DEALER, connect out).
 
+Authenticated and encrypted with ZeroMQ CURVE (keys: ``control.keys``): the controller is the CURVE
+server and admits, through its ZAP handler, only clients holding the agents' key; an agent only talks to
+a server holding the controller's key. A peer without the admin secret gets no handshake, no message in
+or out. Every message also names its deployment, and one for another deployment is dropped. ZeroMQ
+heartbeats notice a peer that vanished without closing its connection, and the controller's ROUTER hands
+a rank's identity over to the rank's new connection when it comes back.
+
 One I/O thread owns the ZeroMQ socket (sockets are not thread-safe); other threads hand it messages
 through a queue and wake it through an inproc pair, so nothing busy-waits. Messages are JSON objects.
 Sends never block: a message that cannot be queued (peer gone) is dropped, and the protocol above
@@ -8,6 +15,7 @@ retries what matters (heartbeats repeat, commands time out).
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import threading
@@ -16,31 +24,65 @@ from queue import Empty, SimpleQueue
 from typing import Callable, Optional
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from .keys import ChannelKeys
 
 log = logging.getLogger("hicache_ha.control")
 
 OnMessage = Callable[[Optional[bytes], dict], None]
 
 
+class _AgentKey:
+    """The ZAP handler's verdict: only the agents' public key gets in."""
+
+    def __init__(self, agent_public: bytes) -> None:
+        self.agent_public = agent_public
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        return hmac.compare_digest(client_key, self.agent_public)
+
+
 class Channel:
-    def __init__(self, kind: int, endpoint: str, *, bind: bool, on_message: OnMessage,
-                 identity: Optional[bytes] = None, name: str = "channel") -> None:
+    def __init__(self, kind: int, endpoint: str, *, bind: bool, on_message: OnMessage, keys: ChannelKeys,
+                 identity: Optional[bytes] = None, name: str = "channel", heartbeat_ms: int = 1000) -> None:
+        self.keys = keys
         self._ctx = zmq.Context()
+        self._auth: Optional[ThreadAuthenticator] = None
         self._sock = self._ctx.socket(kind)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 1000)
+        # ZeroMQ heartbeats: a peer whose host vanished is noticed and its connection dropped.
+        self._sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
+        self._sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * heartbeat_ms)
         if kind == zmq.ROUTER:
             self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a returning rank takes its identity back
+            self._auth = ThreadAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve_callback(keys.zap_domain.decode(), credentials_provider=_AgentKey(keys.agent_public))
+            self._sock.setsockopt(zmq.ZAP_DOMAIN, keys.zap_domain)
+            self._sock.setsockopt(zmq.CURVE_SERVER, 1)
+            self._sock.setsockopt(zmq.CURVE_SECRETKEY, keys.controller_secret)
+            self._sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.controller_public)
         if kind == zmq.DEALER:
             self._sock.setsockopt(zmq.IMMEDIATE, 1)  # don't queue for a controller that is not there
             self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
             self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            self._sock.setsockopt(zmq.CURVE_SERVERKEY, keys.controller_public)
+            self._sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.agent_public)
+            self._sock.setsockopt(zmq.CURVE_SECRETKEY, keys.agent_secret)
         if identity is not None:
             self._sock.setsockopt(zmq.IDENTITY, identity)
-        if bind:
-            self._sock.bind(endpoint)
-        else:
-            self._sock.connect(endpoint)
+        try:
+            if bind:
+                self._sock.bind(endpoint)
+            else:
+                self._sock.connect(endpoint)
+        except zmq.ZMQError:
+            self._teardown()
+            raise
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT) if bind else endpoint
         self._kind = kind
         self._on_message = on_message
@@ -58,7 +100,7 @@ class Channel:
     def send(self, msg: dict, to: Optional[bytes] = None) -> None:
         if self._closed.is_set():
             return
-        self._out.put((to, json.dumps(msg).encode()))
+        self._out.put((to, json.dumps({**msg, "deployment": self.keys.deployment}).encode()))
         with self._wake_lock:
             try:
                 self._wake_w.send(b"", zmq.NOBLOCK)
@@ -83,9 +125,14 @@ class Channel:
             if self._sock in events:
                 self._drain_in()
             self._drain_out()
-        self._sock.close(0)
         self._wake_r.close(0)
         self._wake_w.close(0)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        self._sock.close(0)
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()
 
     def _drain_in(self) -> None:
@@ -99,6 +146,9 @@ class Channel:
                 msg = json.loads(frames[-1])
             except ValueError:
                 log.warning("hicache-ha: dropped a malformed control message")
+                continue
+            if not isinstance(msg, dict) or msg.get("deployment") != self.keys.deployment:
+                log.warning("hicache-ha: dropped a control message for another deployment")
                 continue
             try:
                 self._on_message(peer, msg)

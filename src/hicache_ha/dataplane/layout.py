@@ -25,6 +25,7 @@ class Layout:
     pp_rank: int = 0
     pp_size: int = 1
     dp_rank: int = 0
+    dp_size: int = 1
     cp_rank: int = 0
     cp_size: int = 1
     dcp_rank: int = 0
@@ -55,12 +56,20 @@ class Layout:
     def is_leader(self) -> bool:
         return self.rank == 0
 
+    @property
+    def ranks(self) -> int:
+        """How many ranks the deployment has (every TP, CP, PP and DP combination)."""
+        return self.tp_size * self.cp_size * self.pp_size * self.dp_size
+
     def describe(self) -> dict:
-        return {"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.dp_rank, "cp": self.cp_rank}
+        """The rank's place in the deployment, as its agent reports it."""
+        return {"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.dp_rank, "cp": self.cp_rank,
+                "tp_size": self.tp_size, "pp_size": self.pp_size, "dp_size": self.dp_size, "cp_size": self.cp_size}
 
     def identity(self) -> dict:
         """The fields that decide which pages this rank may read."""
         fields = asdict(self)
+        fields.pop("dp_size")  # the page is the same however many replicas there are
         if self.shared:  # replicated across the TP group (and DP replicas): one shared page
             for name in ("tp_rank", "tp_size", "dp_rank"):
                 fields.pop(name)

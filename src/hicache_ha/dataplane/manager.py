@@ -144,6 +144,10 @@ class BackendManager:
     def local_failover(self, target: Member, reason: str) -> None:
         self.switcher.local_failover(target, reason)
 
+    def remove_member(self, name: str) -> None:
+        """Admin: forget a member attached at run time (closed; never a configured or the active one)."""
+        self.switcher.remove(name, {b.name for b in self.config.backends})
+
     def detach_member(self, name: str) -> None:
         """Admin: take one member out (state ``detached``); if it was active, the supervisor fails over."""
         self.switcher.member(name).apply(lambda b, now: b.detach(now))

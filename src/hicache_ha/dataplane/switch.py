@@ -131,6 +131,18 @@ class Switcher:
             self.path.route = Route(epoch, member)
         self._mark(old, member, epoch, "rollback")
 
+    def remove(self, name: str, configured: set[str]) -> None:
+        """Forget a member attached at run time (never a configured one, never the active one)."""
+        with self._lock:
+            member = self.member(name)
+            if name in configured:
+                raise SwitchError(f"{name!r} is in the configuration; only members attached at run time can be removed")
+            if self.path.route.member is member:
+                raise DrainTimeout(f"{name!r} is active: switch to another member first")
+            del self.members[name]
+        member.close()
+        self.events.emit(name, member.state, "removed", "removed by admin")
+
     # -- a rank's own failover ----------------------------------------------------------------------
     def local_failover(self, target: Member, reason: str) -> None:
         """Move this rank alone (``failover``, or ``failback`` to the primary): forced, make-before-break

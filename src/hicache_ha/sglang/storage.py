@@ -19,6 +19,7 @@ import logging
 import os
 import time
 import warnings
+from dataclasses import replace
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -36,6 +37,7 @@ from ..dataplane.member import RateLimitedLog
 from ..observe.logs import queue_logging
 from . import hits
 from .compat import check_sglang_version
+from .parallel import dp_place
 from .pools import PagePool, as_bytes
 
 log = logging.getLogger("hicache_ha.sglang")
@@ -101,6 +103,16 @@ def _fill(target: torch.Tensor, page) -> torch.Tensor:
     return target
 
 
+def _layout(storage_config: HiCacheStorageConfig) -> Layout:
+    """The rank's identity: SGLang's storage config, completed with the DP place from its parallel state."""
+    layout = Layout.from_storage_config(storage_config)
+    place = dp_place()
+    if place is not None:
+        dp_rank, dp_size = place
+        layout = replace(layout, dp_rank=dp_rank, dp_size=dp_size)
+    return layout
+
+
 class HAStorage(HiCacheStorage):
     """One rank's HiCache L3 storage with deadlines, integrity, failover and switchover."""
 
@@ -112,7 +124,7 @@ class HAStorage(HiCacheStorage):
         self.registered_pools: dict = {}
         self.config = resolve_config(storage_config.extra_config)
         self.context = BackendContext(storage_config=storage_config, host=self, extra=dict(kwargs or {}))
-        self.manager = BackendManager(self.config, Layout.from_storage_config(storage_config), self.context)
+        self.manager = BackendManager(self.config, _layout(storage_config), self.context)
         self.control = attach_control_plane(self.manager, self.config)
         self.pools: dict[str, PagePool] = {}
         self.namespaces: dict[str, Namespace] = {}
