@@ -33,3 +33,15 @@ def _no_threads_left_behind(request):
     if left:
         pytest.fail(f"{request.node.nodeid} left {len(left)} hicache-ha threads running: "
                     f"{sorted(t.name for t in left)[:8]}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _close_sglang_storages(_no_threads_left_behind):
+    """Every HAStorage a test built with tests.sglang.conftest.build is closed after it (before the
+    thread check looks)."""
+    import sys
+
+    yield
+    built = getattr(sys.modules.get("tests.sglang.conftest"), "_BUILT", None)
+    while built:
+        built.pop().close()

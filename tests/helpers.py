@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from typing import ClassVar
 
 from hicache_ha.backends.base import BackendConfig, BackendContext
@@ -58,3 +60,45 @@ class GateBackend(MemoryBackend):
 
 
 GATE = "tests.helpers:GateBackend"
+
+
+class FileGateConfig(MemoryConfig):
+    gate_dir: str
+
+
+class FileGateBackend(MemoryBackend):
+    """An in-memory backend another process can make hang: while ``<gate_dir>/gate-<tp rank>`` exists,
+    its calls (and probes) wait. For tests with rank processes."""
+
+    Config: ClassVar[type[BackendConfig]] = FileGateConfig
+
+    def __init__(self, config, rank: int) -> None:
+        super().__init__(config)
+        self.gate = os.path.join(config.gate_dir, f"gate-{rank}")
+
+    @classmethod
+    def from_config(cls, config, context: BackendContext):
+        return cls(config, getattr(context.storage_config, "tp_rank", 0))
+
+    def _pass(self) -> None:
+        while os.path.exists(self.gate):
+            time.sleep(0.01)
+
+    def exists(self, keys):
+        self._pass()
+        return super().exists(keys)
+
+    def exists_each(self, keys):
+        self._pass()
+        return super().exists_each(keys)
+
+    def get(self, keys, nbytes=None):
+        self._pass()
+        return super().get(keys, nbytes)
+
+    def set(self, keys, values):
+        self._pass()
+        return super().set(keys, values)
+
+
+FILE_GATE = "tests.helpers:FileGateBackend"

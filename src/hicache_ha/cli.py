@@ -93,12 +93,14 @@ URL_OPT = typer.Option("http://127.0.0.1:18080", "--url", envvar="HICACHE_HA_URL
 KEY_OPT = typer.Option(None, "--api-key", envvar="HICACHE_HA_ADMIN_API_KEY", show_default=False,
                        help="admin key (default: $HICACHE_HA_ADMIN_API_KEY)")
 JSON_OPT = typer.Option(False, "--json", help="print the raw JSON answer")
+CACERT_OPT = typer.Option(None, "--cacert", envvar="HICACHE_HA_CACERT", show_default=False,
+                          help="CA file that signed the controller's HTTPS certificate (admin.tls_cert_file)")
 
 
-def _client(url: str, key: Optional[str]):
+def _client(url: str, key: Optional[str], cacert: Optional[str] = None):
     from .control.client import AdminClient
 
-    return AdminClient(url, key)
+    return AdminClient(url, key, cacert=cacert)
 
 
 def _call(fn, *args, **kwargs):
@@ -135,9 +137,10 @@ def _print_status(body: dict) -> None:
 
 
 @app.command()
-def status(url: str = URL_OPT, api_key: Optional[str] = KEY_OPT, as_json: bool = JSON_OPT) -> None:
+def status(url: str = URL_OPT, api_key: Optional[str] = KEY_OPT, as_json: bool = JSON_OPT,
+           cacert: Optional[str] = CACERT_OPT) -> None:
     """Show the desired state and every rank's epoch, active member and member states."""
-    body = _call(_client(url, api_key).status)
+    body = _call(_client(url, api_key, cacert).status)
     console.print_json(json.dumps(body)) if as_json else _print_status(body)
 
 
@@ -145,9 +148,10 @@ def status(url: str = URL_OPT, api_key: Optional[str] = KEY_OPT, as_json: bool =
 def switch(backend: str = typer.Argument(..., help="member to switch every rank to"),
            force: bool = typer.Option(False, "--force", help="abandon in-flight calls; switch the ranks present"),
            drain_timeout: float = typer.Option(5.0, "--drain-timeout", min=0, help="seconds in-flight calls may take"),
-           url: str = URL_OPT, api_key: Optional[str] = KEY_OPT, as_json: bool = JSON_OPT) -> None:
+           url: str = URL_OPT, api_key: Optional[str] = KEY_OPT, as_json: bool = JSON_OPT,
+           cacert: Optional[str] = CACERT_OPT) -> None:
     """Switch every rank to another member (two-phase, rolled back on failure)."""
-    body = _call(_client(url, api_key).switch, backend, force=force, drain_timeout_s=drain_timeout)
+    body = _call(_client(url, api_key, cacert).switch, backend, force=force, drain_timeout_s=drain_timeout)
     console.print_json(json.dumps(body)) if as_json else console.print(
         f"switched to [bold]{body['active']}[/] at epoch {body['epoch']} on ranks {body['ranks']}")
 
@@ -155,8 +159,10 @@ def switch(backend: str = typer.Argument(..., help="member to switch every rank 
 @app.command()
 def attach(spec_file: Path = typer.Option(..., "--spec", help="YAML/JSON file with one backend section"),
            force: bool = typer.Option(False, "--force"), drain_timeout: float = typer.Option(5.0, "--drain-timeout", min=0),
-           url: str = URL_OPT, api_key: Optional[str] = KEY_OPT, as_json: bool = JSON_OPT) -> None:
-    """Attach a new member from a spec and switch every rank to it."""
+           url: str = URL_OPT, api_key: Optional[str] = KEY_OPT, as_json: bool = JSON_OPT,
+           cacert: Optional[str] = CACERT_OPT) -> None:
+    """Attach a new member from a spec and switch every rank to it (its type from the allow-list, its
+    files under admin.attach_roots)."""
     import yaml
 
     try:
@@ -165,26 +171,36 @@ def attach(spec_file: Path = typer.Option(..., "--spec", help="YAML/JSON file wi
         fail(f"cannot read spec {str(spec_file)!r}: {exc}")
     if not isinstance(spec, dict):
         fail("the spec must be one backend section (a mapping with name and type)")
-    body = _call(_client(url, api_key).switch, spec=spec, force=force, drain_timeout_s=drain_timeout)
+    body = _call(_client(url, api_key, cacert).switch, spec=spec, force=force, drain_timeout_s=drain_timeout)
     console.print_json(json.dumps(body)) if as_json else console.print(
         f"attached [bold]{body['active']}[/] at epoch {body['epoch']}")
 
 
 @app.command()
 def detach(force: bool = typer.Option(False, "--force"), drain_timeout: float = typer.Option(5.0, "--drain-timeout", min=0),
-           url: str = URL_OPT, api_key: Optional[str] = KEY_OPT, as_json: bool = JSON_OPT) -> None:
+           url: str = URL_OPT, api_key: Optional[str] = KEY_OPT, as_json: bool = JSON_OPT,
+           cacert: Optional[str] = CACERT_OPT) -> None:
     """Detach L3 on every rank: the engine runs without it (reads miss, writes are dropped)."""
-    body = _call(_client(url, api_key).detach, force=force, drain_timeout_s=drain_timeout)
+    body = _call(_client(url, api_key, cacert).detach, force=force, drain_timeout_s=drain_timeout)
     console.print_json(json.dumps(body)) if as_json else console.print(f"detached at epoch {body['epoch']}")
 
 
 @app.command()
+def remove(name: str = typer.Argument(..., help="a member attached with `attach` (not the active one)"),
+           url: str = URL_OPT, api_key: Optional[str] = KEY_OPT, as_json: bool = JSON_OPT,
+           cacert: Optional[str] = CACERT_OPT) -> None:
+    """Remove a member attached over the API from every rank (configured members stay)."""
+    body = _call(_client(url, api_key, cacert).remove, name)
+    console.print_json(json.dumps(body)) if as_json else console.print(f"removed {body['removed']}")
+
+
+@app.command()
 def events(limit: int = typer.Option(50, min=1, max=2000), url: str = URL_OPT, api_key: Optional[str] = KEY_OPT,
-           as_json: bool = JSON_OPT) -> None:
+           as_json: bool = JSON_OPT, cacert: Optional[str] = CACERT_OPT) -> None:
     """Recent transitions: time, rank, member, from, to, reason."""
     import datetime
 
-    body = _call(_client(url, api_key).events, limit)
+    body = _call(_client(url, api_key, cacert).events, limit)
     if as_json:
         console.print_json(json.dumps(body))
         return

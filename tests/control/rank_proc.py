@@ -47,9 +47,12 @@ def main():
 
     def report():
         st, m = sim.stats, storage.manager
+        agent = storage.control.agent
         data = {"calls": len(st.samples), "errors": st.errors_surfaced, "bad_pages": st.verify_failures,
                 "max_latency_s": max((s.seconds for s in list(st.samples)), default=0.0),
                 "epoch": m.epoch, "active": m.active.name if m.active else None, "failovers": m.failovers,
+                "members": sorted(m.members), "prepared": len(agent._prepared) if agent else None,
+                "threads": sum(1 for t in threading.enumerate() if t.name.startswith("hicache-ha")),
                 "time": time.time()}
         tmp = spec["out"] + ".tmp"
         with open(tmp, "w") as f:

@@ -22,18 +22,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class Deployment:
-    def __init__(self, tmp: Path, primary: RedisServer, standby: RedisServer) -> None:
+    """A standalone controller process (the CLI) and four rank processes (HAStorage through SGLang's
+    factory, simulated traffic, a JSON report each), sharing one config document."""
+
+    def __init__(self, tmp: Path, ha: dict) -> None:
         self.tmp = tmp
         self.port, self.agent_port = free_port(), free_port()
-        self.ha = {
-            "backends": [{"name": "primary", "type": "redis", "url": primary.url, "socket_timeout_ms": 500},
-                         {"name": "standby", "type": "redis", "url": standby.url, "socket_timeout_ms": 500},
-                         {"name": "extra", "type": "redis", "url": standby.url.replace("/0", "/1")}],
-            "deadlines_ms": {"exists": 50, "get": 300, "set": 500},
-            "admin": {"mode": "remote", "port": self.port, "agent_port": self.agent_port, "expected_ranks": RANKS,
-                      "heartbeat_ms": 100, "rank_timeout_ms": 1500, "command_timeout_ms": 3000,
-                      "state_file": str(tmp / "state.json")},
-        }
+        self.ha = {**ha, "admin": {"mode": "remote", "port": self.port, "agent_port": self.agent_port,
+                                   "expected_ranks": RANKS, "heartbeat_ms": 100, "rank_timeout_ms": 1500,
+                                   "command_timeout_ms": 3000, "state_file": str(tmp / "state.json"),
+                                   **ha.get("admin", {})}}
         self.config_file = tmp / "ha.yaml"
         self.config_file.write_text(yaml.safe_dump(self.ha))
         self.env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}", "HICACHE_HA_ADMIN_API_KEY": KEY}
@@ -49,11 +47,14 @@ class Deployment:
 
     def _controller_up(self):
         try:
-            self.client.status()
-            return True
+            return self.client.status()["leader"]
         except AdminError:
             assert self.controller.poll() is None, self.controller.stdout.read()
             return False
+
+    def kill_controller(self):
+        self.controller.kill()
+        self.controller.wait(10)
 
     def start_ranks(self, overrides=None):
         for r in range(RANKS):
@@ -67,15 +68,24 @@ class Deployment:
         out = []
         for r in range(RANKS):
             path = self.tmp / f"rank{r}.json"
-            out.append(json.loads(path.read_text()) if path.exists() else {})
+            try:
+                out.append(json.loads(path.read_text()))
+            except (FileNotFoundError, ValueError):
+                out.append({})
         return out
 
     def agreed(self, epoch, active):
         return all((x.get("epoch"), x.get("active")) == (epoch, active) for x in self.reports())
 
+    def one_state(self):
+        """(epoch, active) if every rank reports the same one, else None."""
+        states = {(x.get("epoch"), x.get("active")) for x in self.reports()}
+        return states.pop() if len(states) == 1 else None
+
     def close(self):
         for p in self.ranks:
             if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
                 p.send_signal(signal.SIGTERM)
         for p in self.ranks:
             try:
@@ -89,7 +99,11 @@ class Deployment:
 @pytest.fixture
 def deployment(tmp_path):
     with RedisServer() as primary, RedisServer() as standby:
-        d = Deployment(tmp_path, primary, standby)
+        d = Deployment(tmp_path, {
+            "backends": [{"name": "primary", "type": "redis", "url": primary.url, "socket_timeout_ms": 500},
+                         {"name": "standby", "type": "redis", "url": standby.url, "socket_timeout_ms": 500},
+                         {"name": "extra", "type": "redis", "url": standby.url.replace("/0", "/1")}],
+            "deadlines_ms": {"exists": 50, "get": 300, "set": 500}})
         d.primary, d.standby = primary, standby
         try:
             yield d
@@ -124,8 +138,7 @@ def test_four_rank_processes_switch_refuse_fail_over_and_survive_a_controller_cr
     assert out.returncode == 0 and "epoch 3" in out.stdout and "primary" in out.stdout
 
     # The controller is killed: ranks keep serving; restarted, it resumes from the persisted state.
-    d.controller.kill()
-    d.controller.wait(10)
+    d.kill_controller()
     before = sum(x["calls"] for x in d.reports())
     time.sleep(1.0)
     assert sum(x["calls"] for x in d.reports()) > before

@@ -16,14 +16,6 @@ def storage_config(tp_rank=0, tp_size=2, *, mla=False, extra=None, model="test/m
 _BUILT: list = []
 
 
-@pytest.fixture(autouse=True)
-def _close_storages():
-    """Every HAStorage a test builds is closed after it (its supervisor thread pings otherwise)."""
-    yield
-    while _BUILT:
-        _BUILT.pop().close()
-
-
 def build(ha: dict, tp_rank=0, tp_size=2, *, mla=False, pool=None, model="test/model"):
     """HAStorage exactly as SGLang builds it: its own factory, the dynamic hook, then the host pool."""
     ha = {"admin": {"mode": "off"}, **ha}  # these tests are about one rank's data plane

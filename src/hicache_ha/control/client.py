@@ -16,9 +16,11 @@ class AdminError(Exception):
 
 
 class AdminClient:
-    def __init__(self, url: str, api_key: Optional[str], timeout: float = 60.0) -> None:
+    def __init__(self, url: str, api_key: Optional[str], timeout: float = 60.0, cacert: Optional[str] = None) -> None:
+        """``cacert``: the CA (or self-signed certificate) that signed the controller's HTTPS certificate."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout,
+                                  verify=cacert if cacert else True)
 
     def _do(self, method: str, path: str, **kw) -> Any:
         try:
@@ -41,6 +43,9 @@ class AdminClient:
         body: dict = {"force": force, "drain_timeout_s": drain_timeout_s}
         body.update({"spec": spec} if spec is not None else {"backend": backend})
         return self._do("PUT", "/hicache/storage-backend", json=body)
+
+    def remove(self, name: str) -> dict:
+        return self._do("DELETE", f"/hicache/storage-backend/members/{name}")
 
     def detach(self, *, force: bool = False, drain_timeout_s: float = 5.0) -> dict:
         return self._do("DELETE", "/hicache/storage-backend",

@@ -24,6 +24,7 @@ import zmq
 
 from ..backends.errors import ConfigError
 from ..config import HAConfig
+from ..dataplane.member import RateLimitedLog
 from ..health.breaker import CIRCUIT_BROKEN, DETACHED, HEALTHY, RECOVERING
 from .keys import ChannelKeys
 from .state import DesiredState, NotLeader, StateStore
@@ -95,6 +96,7 @@ class Controller:
         self._moving_group = threading.Event()
         self._refused: dict[int, float] = {}  # rank -> when an impostor was last logged
         self._twophase = TwoPhase(self)
+        self._log = RateLimitedLog(log, every=30.0)
         self._stop = threading.Event()
         self._lead_once()  # a controller that can lead does so from the start
         self._threads = [threading.Thread(target=loop, name=f"hicache-ha-{name}", daemon=True)
@@ -129,7 +131,7 @@ class Controller:
             if self.fence is not None:
                 self._step_down(f"the state store failed ({exc!r})")
             else:
-                log.warning("hicache-ha: cannot take the leadership: %r", exc)
+                self._log.warn(("lead", type(exc)), "hicache-ha: cannot take the leadership: %r", exc)
 
     def _become_leader(self, fence: int) -> None:
         desired = self.store.load() or DesiredState(epoch=1, active=self.config.backends[0].name)

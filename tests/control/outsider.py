@@ -1,0 +1,63 @@
+"""A raw ZeroMQ peer on the agent port, with whatever keys a test gives it (or none): an outsider, an
+impostor, or a compromised rank. It speaks the wire protocol by hand."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import zmq
+
+
+class Outsider:
+    def __init__(self, endpoint: str, public: Optional[bytes] = None, secret: Optional[bytes] = None,
+                 server_key: Optional[bytes] = None, identity: Optional[bytes] = None) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if identity:
+            self.sock.setsockopt(zmq.IDENTITY, identity)
+        if server_key is not None:  # CURVE, with these keys
+            self.sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+            self.sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            self.sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        self.sock.connect(endpoint)
+
+    def send(self, msg: dict) -> None:
+        self.sock.send(json.dumps(msg).encode(), zmq.NOBLOCK)
+
+    def receive(self, timeout_s: float) -> Optional[dict]:
+        if self.sock.poll(int(timeout_s * 1000)):
+            return json.loads(self.sock.recv())
+        return None
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+class ForgedController:
+    """A ROUTER bound where the agents connect, with keys of its own: it tries to command a rank."""
+
+    def __init__(self, endpoint: str, public: Optional[bytes] = None, secret: Optional[bytes] = None) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if secret is not None:
+            self.sock.setsockopt(zmq.CURVE_SERVER, 1)
+            self.sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            self.sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        self.sock.bind(endpoint)
+
+    def receive(self, timeout_s: float) -> Optional[tuple[bytes, dict]]:
+        if self.sock.poll(int(timeout_s * 1000)):
+            peer, data = self.sock.recv_multipart()
+            return peer, json.loads(data)
+        return None
+
+    def send(self, peer: bytes, msg: dict) -> None:
+        self.sock.send_multipart([peer, json.dumps(msg).encode()], zmq.NOBLOCK)
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
