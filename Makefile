@@ -18,7 +18,7 @@ $(BASE): pyproject.toml | $(PY)
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
-# SGLang's real code on a CPU machine (see REFERENCE.md): torch's CPU build, the sglang wheel without its
+# SGLang's real code on a CPU machine (see docs/reference.md): torch's CPU build, the sglang wheel without its
 # GPU dependencies, the CPU-side packages its storage interface, host pools and cache controllers import;
 # compressed-tensors without its dependencies (they would pull a CUDA torch), and a torchvision stand-in
 # (PyPI's torchvision is built for CUDA and fails to import beside torch's CPU build).
@@ -47,7 +47,7 @@ redis-server:
 # What the tests use besides redis: promtool (alert rule tests), headless Chromium (status page), and for
 # the chaos suite stress-ng (busy CPUs), iproute2 and iptables (a blackholed host in a network namespace).
 test-tools:
-	$(call need_debs,redis-server=redis-server promtool=prometheus chromium=chromium stress-ng=stress-ng ip=iproute2 iptables=iptables)
+	$(call need_debs,redis-server=redis-server promtool=prometheus chromium=chromium stress-ng=stress-ng ip=iproute2 iptables=iptables openssl=openssl)
 
 demo: $(BASE) redis-server
 	$(VENV)/bin/hicache-ha demo

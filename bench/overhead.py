@@ -150,7 +150,7 @@ def scraper(storage, hz: float, stop: threading.Event) -> threading.Thread:
     from hicache_ha.observe.metrics import RankMetrics, registry_for, render
 
     m = storage.manager
-    registry = registry_for(RankMetrics(lambda: [(m.layout.rank, m.status())]))
+    registry = registry_for(RankMetrics(lambda: [(m.layout.rank, m.layout.describe(), m.status())]))
 
     def run():
         while not stop.wait(1 / hz):

@@ -15,13 +15,15 @@ backends:
     path: /var/cache/hicache
     capacity_bytes: 10GiB
 deadlines_ms: {exists: 50, get: 500, set: 1000}
-admin: {host: 127.0.0.1, port: 18080, api_key_file: /etc/hicache-ha/admin.key}
+admin: {host: 127.0.0.1, port: 18080, api_key_file: KEYFILE}
 """
 
 
 def test_the_design_example_parses_with_defaults(tmp_path):
+    key = tmp_path / "admin.key"
+    key.write_text("k" * 32)
     path = tmp_path / "ha.yaml"
-    path.write_text(YAML)
+    path.write_text(YAML.replace("KEYFILE", str(key)))
     cfg = load(path, environ={})
     assert [b.name for b in cfg.backends] == ["primary", "standby"]
     assert cfg.backends[1].capacity_bytes == 10 * 2**30

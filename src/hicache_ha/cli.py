@@ -23,10 +23,18 @@ console = Console(soft_wrap=True, width=_WIDTH)
 err = Console(stderr=True, soft_wrap=True, width=_WIDTH)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"hicache-ha {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _setup(log_level: str = typer.Option("WARNING", help="log level: DEBUG, INFO, WARNING, ERROR"),
            log_format: str = typer.Option("text", envvar="HICACHE_HA_LOG_FORMAT",
-                                          help="text (for people) or json (one object per line)")) -> None:
+                                          help="text (for people) or json (one object per line)"),
+           _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                         help="print the version and exit")) -> None:
     from rich.logging import RichHandler
 
     from .observe.logs import JsonFormatter
@@ -53,6 +61,20 @@ def fail(message: str, code: int = 2) -> None:
 def version() -> None:
     """Print the version."""
     console.print(__version__)
+
+
+@app.command("alert-rules")
+def alert_rules(runbook_base: str = typer.Option(
+        None, "--runbook-base", show_default=False,
+        help="where your copy of docs/runbooks.md is served (default: the project's)"),
+        kubernetes: bool = typer.Option(False, "--kubernetes", help="as a PrometheusRule resource")) -> None:
+    """Print the Prometheus alert rules (YAML), runbook links built from one base."""
+    from .observe.alerts import RUNBOOK_BASE, prometheus_rule, render
+
+    base = runbook_base or RUNBOOK_BASE
+    if not base.startswith(("http://", "https://")):
+        fail(f"--runbook-base {base!r}: give an absolute http(s) URL")
+    sys.stdout.write(prometheus_rule(base) if kubernetes else render(base))
 
 
 @app.command("check-config")

@@ -154,13 +154,19 @@ class WebhookConfig(_Strict):
     timeout_ms: int = Field(default=2000, ge=1, le=60_000)
     retries: int = Field(default=3, ge=0, le=20)
     backoff_ms: int = Field(default=200, ge=0, le=60_000, description="first retry delay, doubled each time")
+    secret_file: Optional[Path] = Field(default=None, description="HMAC-SHA256 key: requests carry X-Hicache-HA-Signature")
+    auth_header_file: Optional[Path] = Field(default=None, description="file holding an Authorization header value to send")
 
 
 class ObserveConfig(_Strict):
     webhooks: list[WebhookConfig] = Field(default_factory=list, description="where transitions and switches are POSTed")
-    webhook_queue: int = Field(default=1000, ge=1, le=100_000, description="events waiting for delivery; beyond, dropped and counted")
+    webhook_queue: int = Field(default=1000, ge=1, le=100_000,
+                               description="events waiting for delivery, per receiver; beyond, dropped and counted")
     metrics_port: Optional[int] = Field(default=None, ge=0, le=65535,
                                         description="serve this process's /metrics here (deployments without a controller)")
+
+
+READ_FILES = ("api_key_file", "tls_cert_file", "tls_key_file", "password_file", "secret_file", "auth_header_file")
 
 
 class HAConfig(_Strict):
@@ -210,6 +216,23 @@ class HAConfig(_Strict):
             seen.add(b.name)
         return self
 
+    @model_validator(mode="after")
+    def _named_files_are_readable(self) -> "HAConfig":
+        """A key, password or certificate file that cannot be read fails the load, naming the field."""
+        sections = [("admin", self.admin)] + [(f"backends[{i}]", b) for i, b in enumerate(self.backends)] + \
+                   [(f"observe.webhooks[{i}]", w) for i, w in enumerate(self.observe.webhooks)]
+        for where, section in sections:
+            for field in READ_FILES:
+                path = getattr(section, field, None)
+                if path is None:
+                    continue
+                try:
+                    with open(path, "rb"):
+                        pass
+                except OSError as exc:
+                    raise ValueError(f"{where}.{field}: cannot read {str(path)!r}: {exc.strerror}") from None
+        return self
+
     def backend(self, name: str) -> BackendConfig:
         for b in self.backends:
             if b.name == name:
@@ -226,34 +249,57 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _set_path(doc: dict, path: list[str], value: Any) -> None:
+def _set_path(doc: dict, path: list[str], value: Any, var: str) -> None:
+    """Put ``value`` at ``path``; a list is indexed by position or by the ``name`` of its item."""
     node: Any = doc
-    for i, part in enumerate(path[:-1]):
-        key: Any = int(part) if isinstance(node, list) else part
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        where = ".".join(path[: i + 1])
         if isinstance(node, list):
-            if key >= len(node):
-                raise ConfigError(f"environment override: index {key} out of range in {'.'.join(path[: i + 1])}")
-            node = node[key]
+            index = next((j for j, item in enumerate(node) if isinstance(item, Mapping) and
+                          str(item.get("name", "")).lower() == part), None)
+            if index is None and part.isdigit():
+                index = int(part)
+            if index is None or index >= len(node):
+                names = [str(item.get("name")) for item in node if isinstance(item, Mapping)]
+                raise ConfigError(f"${var}: {where!r} names no item; use an index below {len(node)}"
+                                  + (f" or a name: {', '.join(names)}" if names else ""))
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
         else:
-            node = node.setdefault(key, {})
-    last: Any = path[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+            raise ConfigError(f"${var}: {'.'.join(path[:i]) or 'the document'} is not a section")
 
 
-def apply_env(doc: dict, environ: Mapping[str, str]) -> dict:
-    """Apply ``HICACHE_HA__a__b=value`` overrides (backends by index: ``HICACHE_HA__BACKENDS__0__URL``)."""
+def env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[list[str], Any]]:
+    """``HICACHE_HA__a__b=value`` variables: name -> (path, value parsed as a YAML scalar)."""
+    out = {}
     for name in sorted(environ):
         if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
-            path = name[len(ENV_PREFIX):].lower().split("__")
-            _set_path(doc, path, yaml.safe_load(environ[name]))
+            try:
+                value = yaml.safe_load(environ[name])
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"${name}: not a valid YAML value: {str(exc).splitlines()[0]}") from None
+            out[name] = (name[len(ENV_PREFIX):].lower().split("__"), value)
+    return out
+
+
+def apply_env(doc: dict, overrides: Mapping[str, tuple[list[str], Any]]) -> dict:
+    """Apply overrides (backends by index or by name: ``HICACHE_HA__BACKENDS__primary__URL``)."""
+    for var, (path, value) in overrides.items():
+        _set_path(doc, path, value, var)
     return doc
 
 
 def parse(source: Any, *, environ: Optional[Mapping[str, str]] = None) -> HAConfig:
-    """Validate a document (a mapping, or YAML/JSON text) into an HAConfig; raise ConfigError naming the field."""
+    """Validate a document (a mapping, or YAML/JSON text) into an HAConfig; raise ConfigError naming the
+    field, and the environment variable when an override is what is wrong."""
     if isinstance(source, HAConfig):
         return source
     if isinstance(source, (str, bytes)):
@@ -263,11 +309,23 @@ def parse(source: Any, *, environ: Optional[Mapping[str, str]] = None) -> HAConf
             raise ConfigError(f"config is not valid YAML/JSON: {exc}") from exc
     if not isinstance(source, Mapping):
         raise ConfigError("config must be a mapping with at least 'backends'")
-    doc = apply_env(_plain(source), os.environ if environ is None else environ)
+    overrides = env_overrides(os.environ if environ is None else environ)
     try:
-        return HAConfig.model_validate(doc)
+        return HAConfig.model_validate(apply_env(_plain(source), overrides))
     except ValidationError as exc:
-        raise ConfigError(f"invalid hicache-ha config: {_describe(exc)}") from None
+        message = f"invalid hicache-ha config: {_describe(exc)}"
+    culprits = [var for var in overrides if _valid(source, {k: v for k, v in overrides.items() if k != var})]
+    if culprits:
+        message += f" (from ${', $'.join(culprits)})"
+    raise ConfigError(message)
+
+
+def _valid(source: Mapping, overrides: Mapping) -> bool:
+    try:
+        HAConfig.model_validate(apply_env(_plain(source), overrides))
+        return True
+    except (ValidationError, ConfigError):
+        return False
 
 
 def load(path: str | os.PathLike, *, environ: Optional[Mapping[str, str]] = None) -> HAConfig:

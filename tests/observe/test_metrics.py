@@ -23,8 +23,13 @@ def scrape(text: str) -> dict:
     return out
 
 
+def has(samples, labels: dict, value: float) -> bool:
+    """Some sample carries at least these labels and this value."""
+    return any(v == value and labels.items() <= got.items() for got, v in samples)
+
+
 def one_process(m: BackendManager) -> dict:
-    return scrape(render(registry_for(RankMetrics(lambda: [(m.layout.rank, m.status())]))).decode())
+    return scrape(render(registry_for(RankMetrics(lambda: [(m.layout.rank, m.layout.describe(), m.status())]))).decode())
 
 
 def test_a_rank_exports_states_outcomes_latencies_and_epoch():
@@ -33,14 +38,15 @@ def test_a_rank_exports_states_outcomes_latencies_and_epoch():
     m.set(["k"], [b"v"])
     m.get(["k", "missing"])
     got = one_process(m)
-    assert ({"rank": "0", "backend": "a", "state": "healthy"}, 1.0) in got["hicache_ha_backend_state"]
-    assert ({"rank": "0", "backend": "a", "state": "circuit_broken"}, 0.0) in got["hicache_ha_backend_state"]
-    assert ({"rank": "0", "backend": "a", "op": "set", "outcome": "ok"}, 1.0) in got["hicache_ha_ops_total"]
+    ident = {"deployment": "default", "rank": "0", "tp_rank": "0", "pp_rank": "0", "dp_rank": "0", "cp_rank": "0"}
+    assert has(got["hicache_ha_backend_state"], {**ident, "backend": "a", "state": "healthy"}, 1.0)
+    assert has(got["hicache_ha_backend_state"], {"rank": "0", "backend": "a", "state": "circuit_broken"}, 0.0)
+    assert has(got["hicache_ha_ops_total"], {"rank": "0", "backend": "a", "op": "set", "outcome": "ok"}, 1.0)
     buckets = [s for s in got["hicache_ha_op_duration_seconds_bucket"] if s[0]["op"] == "get"]
     assert [b[0]["le"] for b in buckets][:2] == ["0.0001", "0.00025"] and buckets[-1][0]["le"] == "+Inf"
     assert buckets[-1][1] == 1.0
-    assert got["hicache_ha_active_epoch"] == [({"rank": "0"}, 1.0)]
-    assert ({"rank": "0", "backend": "a"}, 1.0) in got["hicache_ha_backend_active"]
+    assert got["hicache_ha_active_epoch"] == [(ident, 1.0)]  # joins SGLang's tp_rank / pp_rank / dp_rank series
+    assert has(got["hicache_ha_backend_active"], {"rank": "0", "backend": "a"}, 1.0)
     m.close()
 
 
@@ -74,18 +80,18 @@ def test_the_controller_scrape_shows_a_failover_per_rank(cluster_factory):
 
         def shown():
             got = scrape(c.client.get("/metrics").text)
-            broken = ({"rank": "2", "backend": "primary", "to": "circuit_broken"}, 1.0)
-            return (broken in got.get("hicache_ha_circuit_transitions_total", [])
-                    and all(({"rank": str(r), "reason": "group"}, 1.0) in got["hicache_ha_failovers_total"]
+            return (has(got.get("hicache_ha_circuit_transitions_total", []),
+                        {"rank": "2", "tp_rank": "2", "backend": "primary", "to": "circuit_broken"}, 1.0)
+                    and all(has(got["hicache_ha_failovers_total"], {"rank": str(r), "reason": "group"}, 1.0)
                             for r in range(4))
-                    and all(({"rank": str(r), "backend": "standby"}, 1.0) in got["hicache_ha_backend_active"]
+                    and all(has(got["hicache_ha_backend_active"], {"rank": str(r), "backend": "standby"}, 1.0)
                             for r in range(4)))
 
         wait_for(shown, timeout=5, what="the failover in the scrape")
         got = scrape(c.client.get("/metrics").text)
-        assert ({"rank": "2", "backend": "primary", "state": "healthy"}, 0.0) in got["hicache_ha_backend_state"]
-        assert got["hicache_ha_desired_epoch"] == [({}, 2.0)]
-        assert ({"kind": "failover", "result": "ok"}, 1.0) in got["hicache_ha_switch_operations_total"]
+        assert has(got["hicache_ha_backend_state"], {"rank": "2", "backend": "primary", "state": "healthy"}, 0.0)
+        assert got["hicache_ha_desired_epoch"] == [({"deployment": "default"}, 2.0)]
+        assert has(got["hicache_ha_switch_operations_total"], {"kind": "failover", "result": "ok"}, 1.0)
         assert all(v == 1.0 for _, v in got["hicache_ha_rank_up"])
     finally:
         gate.open_gate()

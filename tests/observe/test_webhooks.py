@@ -12,16 +12,20 @@ from tests.control.conftest import AUTH, wait_for
 
 
 class Receiver:
-    def __init__(self, status=200, hang_s=0.0):
-        self.bodies, self.status, self.hang_s = [], status, hang_s
+    def __init__(self, status=200, hang_s=0.0, headers=None):
+        self.bodies, self.status, self.hang_s, self.reply_headers = [], status, hang_s, headers or {}
+        self.requests = []  # (time, headers, raw body)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.bodies.append(body)
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.requests.append((time.monotonic(), dict(self.headers), raw))
+                outer.bodies.append(json.loads(raw))
                 time.sleep(outer.hang_s)
                 self.send_response(outer.status)
+                for k, v in outer.reply_headers.items():
+                    self.send_header(k, v)
                 self.end_headers()
 
             def log_message(self, *args):
@@ -83,8 +87,48 @@ def test_a_hanging_receiver_never_blocks_the_emitter_and_the_queue_stays_bounded
     for _ in range(50):
         sink(EVENT)
     assert time.perf_counter() - t0 < 0.1  # emitting is a queue put
-    assert sink.dropped >= 40 and sink.queue.qsize() <= 5
+    assert sink.dropped >= 40 and sink.deliveries[0].queue.qsize() <= 5
     wait_for(lambda: sink.failed >= 1, timeout=5, what="a timeout")
+    sink.close()
+
+
+def test_a_hanging_receiver_delays_no_other_receiver(receivers):
+    hung, fine = receivers(hang_s=5.0), receivers()
+    sink = WebhookSink([WebhookConfig(url=hung.url, timeout_ms=2000, retries=3), WebhookConfig(url=fine.url)])
+    t0 = time.monotonic()
+    for i in range(5):
+        sink({**EVENT, "rank": i})
+    wait_for(lambda: len(fine.bodies) == 5, timeout=5, what="the healthy receiver's deliveries")
+    assert max(t for t, _h, _b in fine.requests) - t0 < 1.0  # not held behind the hung one's timeouts
+    sink.close()
+
+
+def test_requests_are_signed_and_carry_the_configured_authorization(receivers, tmp_path):
+    import hashlib
+    import hmac
+
+    hook = receivers()
+    (tmp_path / "secret").write_text("s3cret\n")
+    (tmp_path / "auth").write_text("Bearer receiver-token\n")
+    sink = WebhookSink([WebhookConfig(url=hook.url, secret_file=tmp_path / "secret", auth_header_file=tmp_path / "auth")])
+    sink(EVENT)
+    wait_for(lambda: hook.requests, timeout=5, what="delivery")
+    _t, headers, raw = hook.requests[0]
+    stamp = headers["X-Hicache-HA-Timestamp"]
+    expected = "sha256=" + hmac.new(b"s3cret", stamp.encode() + b"." + raw, hashlib.sha256).hexdigest()
+    assert headers["X-Hicache-HA-Signature"] == expected
+    assert abs(int(stamp) - time.time()) < 60
+    assert headers["Authorization"] == "Bearer receiver-token"
+    sink.close()
+
+
+def test_retry_after_is_honoured(receivers):
+    busy = receivers(status=503, headers={"Retry-After": "1"})
+    sink = WebhookSink([WebhookConfig(url=busy.url, retries=1, backoff_ms=10)])
+    sink(EVENT)
+    wait_for(lambda: sink.failed == 1, timeout=5, what="the delivery to give up")
+    (t1, _h, _b), (t2, _h2, _b2) = busy.requests
+    assert t2 - t1 >= 0.95  # the receiver's 1 s, not our 10 ms backoff
     sink.close()
 
 

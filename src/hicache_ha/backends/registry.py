@@ -20,6 +20,7 @@ ENTRY_POINT_GROUP = "hicache_ha.backends"
 
 _BUILTINS = {
     "redis": "hicache_ha.backends.redis_backend:RedisBackend",
+    "valkey": "hicache_ha.backends.redis_backend:RedisBackend",  # Valkey speaks Redis' protocol
     "file": "hicache_ha.backends.file_backend:FileBackend",
     "memory": "hicache_ha.backends.memory:MemoryBackend",
     "sglang": "hicache_ha.backends.sglang_backend:SGLangBackend",

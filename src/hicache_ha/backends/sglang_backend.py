@@ -9,9 +9,10 @@ their own ``None``/``False`` become misses and errors.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, ClassVar, Optional, Sequence
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .base import Backend, BackendConfig, BackendContext, Capabilities
 from .errors import BackendError, ConfigError
@@ -19,9 +20,30 @@ from .errors import BackendError, ConfigError
 _INSTALL_HINT = "type 'sglang' needs the sglang package: pip install sglang (with its storage backend's client)"
 
 
+# The backends SGLang 0.5.23's StorageBackendFactory registers (with SGLang loaded, its own registry says).
+SGLANG_BACKENDS = ("aibrix", "eic", "file", "hf3fs", "mooncake", "mori", "nixl", "npu_memcache", "seaweedfs", "shm",
+                   "sim", "simm", "tensorcast")
+
+
+def sglang_backends() -> list[str]:
+    factory = sys.modules.get("sglang.srt.mem_cache.storage.backend_factory")
+    registry = getattr(getattr(factory, "StorageBackendFactory", None), "_registry", None)
+    return sorted(registry) if registry else list(SGLANG_BACKENDS)
+
+
 class SGLangConfig(BackendConfig):
     backend: str = Field(description="a name SGLang's StorageBackendFactory knows: file, mooncake, hf3fs, nixl, …")
     extra_config: dict = Field(default_factory=dict, description="SGLang's --hicache-storage-backend-extra-config for it")
+
+    @field_validator("backend")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value == "dynamic":
+            raise ValueError("'dynamic' would wrap hicache-ha in itself")
+        known = sglang_backends()
+        if value not in known:
+            raise ValueError(f"SGLang has no storage backend {value!r}; it has: {', '.join(known)}")
+        return value
 
 
 class SGLangBackend(Backend):
@@ -47,8 +69,6 @@ class SGLangBackend(Backend):
                 f"backend {config.name!r}: type 'sglang' runs inside SGLang (HAStorage), where the rank's "
                 "storage config is known"
             )
-        if config.backend == "dynamic":
-            raise ConfigError(f"backend {config.name!r}: 'dynamic' would wrap hicache-ha in itself")
         storage_config = dataclasses.replace(context.storage_config, extra_config=dict(config.extra_config))
         try:
             storage = StorageBackendFactory.create_backend(config.backend, storage_config, context.mem_pool_host)

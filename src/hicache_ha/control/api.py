@@ -13,7 +13,7 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import __version__
-from ..observe.metrics import ControllerMetrics, RankMetrics, registry_for, render
+from ..observe.metrics import ControllerMetrics, RankMetrics, WebhookMetrics, registry_for, render
 from .auth import NO_KEY, check_bearer
 from .controller import Controller
 
@@ -42,7 +42,7 @@ class SwitchResult(BaseModel):
     missing: list[int] = []
 
 
-def create_app(controller: Controller, api_key: Optional[str]) -> FastAPI:
+def create_app(controller: Controller, api_key: Optional[str], webhooks=None) -> FastAPI:
     app = FastAPI(title="hicache-ha admin API", version=__version__,
                   description="Switch, attach and detach the HiCache L3 storage backend on every rank.")
     bearer = HTTPBearer(auto_error=False, description="the admin key")
@@ -60,7 +60,11 @@ def create_app(controller: Controller, api_key: Optional[str]) -> FastAPI:
 
     secured = [Depends(bearer)]  # documents the scheme in OpenAPI; the middleware enforces it
 
-    metrics_registry = registry_for(RankMetrics(controller.rank_statuses), ControllerMetrics(controller))
+    deployment = controller.keys.deployment
+    collectors = [RankMetrics(controller.rank_statuses, deployment), ControllerMetrics(controller)]
+    if webhooks is not None:
+        collectors.append(WebhookMetrics(webhooks, deployment))
+    metrics_registry = registry_for(*collectors)
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:

@@ -435,10 +435,10 @@ class Controller:
                 "expected_ranks": self.expected_ranks, "missing_ranks": self.missing(), "backends": backends,
                 "ranks": ranks}
 
-    def rank_statuses(self) -> list[tuple[int, dict]]:
-        """(rank, last status) for every rank that ever registered, for the metrics collector."""
+    def rank_statuses(self) -> list[tuple[int, dict, dict]]:
+        """(rank, identity, last status) for every rank that ever registered, for the metrics collector."""
         with self._lock:
-            return [(r, i.status) for r, i in sorted(self.ranks.items())]
+            return [(r, i.identity, i.status) for r, i in sorted(self.ranks.items())]
 
     def recent_events(self, limit: int = 100) -> list[dict]:
         with self._lock:

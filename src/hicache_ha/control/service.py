@@ -18,7 +18,7 @@ import uvicorn
 
 from ..config import HAConfig
 from ..dataplane import BackendManager
-from ..observe.metrics import serve_process_metrics
+from ..observe.metrics import WebhookMetrics, serve_process_metrics
 from ..observe.webhooks import WebhookSink
 from .agent import Agent
 from .api import create_app
@@ -90,8 +90,12 @@ def start_controller(config: HAConfig, *, expected_ranks: int, api_key: Optional
     controller = Controller(config, store=store or state_store(config), expected_ranks=expected_ranks,
                             bind=f"tcp://{admin.host}:{agent_port}", keys=keys)
     tls = admin.tls_cert_file is not None
+    sink = None
+    if config.observe.webhooks:
+        sink = WebhookSink(config.observe.webhooks, config.observe.webhook_queue)
+        controller.listeners.append(sink)
     server = uvicorn.Server(uvicorn.Config(
-        create_app(controller, key), log_level="warning", access_log=False, lifespan="off",
+        create_app(controller, key, sink), log_level="warning", access_log=False, lifespan="off",
         ssl_certfile=str(admin.tls_cert_file) if tls else None, ssl_keyfile=str(admin.tls_key_file) if tls else None))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="hicache-ha-admin-http",
                               daemon=True)
@@ -100,12 +104,10 @@ def start_controller(config: HAConfig, *, expected_ranks: int, api_key: Optional
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             controller.close()
+            if sink is not None:
+                sink.close()
             raise OSError(f"the admin HTTP server did not start on {admin.host}:{port}")
         time.sleep(0.01)
-    sink = None
-    if config.observe.webhooks:
-        sink = WebhookSink(config.observe.webhooks, config.observe.webhook_queue)
-        controller.listeners.append(sink)
     return ControllerService(controller, server, thread, sock.getsockname()[1], tls, sink)
 
 
@@ -141,20 +143,23 @@ def attach_control_plane(manager: BackendManager, config: HAConfig) -> ControlPl
                   manager.layout.rank, exc)
         plane.close()
         plane = ControlPlane()
-    if plane.agent is None and config.observe.webhooks:  # no controller to send them: each process sends its own
-        plane.webhooks = WebhookSink(config.observe.webhooks, config.observe.webhook_queue)
+    observe = config.observe
+    if plane.agent is None and observe.webhooks:  # no controller to send them: each process sends its own
+        plane.webhooks = WebhookSink(observe.webhooks, observe.webhook_queue)
         manager.events.subscribe(plane.webhooks)
+    if observe.metrics_port is not None:
+        extra = [WebhookMetrics(plane.webhooks, config.admin.deployment)] if plane.webhooks else []
+        try:
+            plane.metrics_server, _ = serve_process_metrics(
+                observe.metrics_port, lambda: [(manager.layout.rank, manager.layout.describe(), manager.status())],
+                config.admin.deployment, "127.0.0.1", *extra)
+        except OSError as exc:
+            log.error("hicache-ha: cannot serve /metrics on port %d: %s", observe.metrics_port, exc)
     return plane
 
 
 def _attach(plane: ControlPlane, manager: BackendManager, config: HAConfig) -> None:
-    admin, observe = config.admin, config.observe
-    if observe.metrics_port is not None:
-        try:
-            plane.metrics_server, _ = serve_process_metrics(observe.metrics_port,
-                                                            lambda: [(manager.layout.rank, manager.status())])
-        except OSError as exc:
-            log.error("hicache-ha: cannot serve /metrics on port %d: %s", observe.metrics_port, exc)
+    admin = config.admin
     if admin.mode == "off":
         return
     keys = keys_for(config)

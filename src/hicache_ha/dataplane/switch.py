@@ -80,7 +80,7 @@ class Switcher:
         """Build (if new) and probe the target. Raises UnknownBackend, PrepareRefused or ConfigError;
         changes nothing."""
         if isinstance(target, dict):
-            target = parse({"backends": [target]}).backends[0]
+            target = parse({"backends": [target]}, environ={}).backends[0]
         base = self.path.route.epoch
         if isinstance(target, BackendConfig):
             existing = self.members.get(target.name)
