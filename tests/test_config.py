@@ -3,6 +3,7 @@ import json
 import pytest
 
 from hicache_ha.backends.errors import ConfigError
+from hicache_ha.backends.redis_backend import RedisConfig
 from hicache_ha.config import load, parse
 
 YAML = """
@@ -83,3 +84,48 @@ def test_unreadable_file_and_bad_yaml_are_clear(tmp_path):
     bad.write_text("backends: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load(bad)
+
+
+def test_an_override_can_name_a_backend_and_a_wrong_one_names_the_variable():
+    doc = {"backends": [{"name": "primary", "type": "redis", "url": "redis://a:1/0"},
+                        {"name": "standby", "type": "memory"}]}
+    cfg = parse(doc, environ={"HICACHE_HA__BACKENDS__primary__URL": "redis://b:2/0"})
+    assert cfg.backends[0].url == "redis://b:2/0"
+    with pytest.raises(ConfigError) as info:
+        parse(doc, environ={"HICACHE_HA__BACKENDS__primray__URL": "redis://b:2/0"})
+    assert "$HICACHE_HA__BACKENDS__primray__URL" in str(info.value) and "primary, standby" in str(info.value)
+    with pytest.raises(ConfigError) as info:  # a valid path, an invalid value: the variable is named too
+        parse(doc, environ={"HICACHE_HA__DEADLINES_MS__GET": "soon", "HICACHE_HA__KEY_PREFIX": "ok"})
+    assert "deadlines_ms.get" in str(info.value) and "(from $HICACHE_HA__DEADLINES_MS__GET)" in str(info.value)
+    with pytest.raises(ConfigError, match=r"\$HICACHE_HA__BACKENDS__0__URL__X: backends.0.url is not a section"):
+        parse(doc, environ={"HICACHE_HA__BACKENDS__0__URL__X": "1"})
+    with pytest.raises(ConfigError, match=r"deadlines_ms.get: .*\(from \$HICACHE_HA__DEADLINES_MS__GET__X\)"):
+        parse(doc, environ={"HICACHE_HA__DEADLINES_MS__GET__X": "1"})
+
+
+def test_valkey_is_redis_and_an_unknown_sglang_backend_is_refused():
+    cfg = parse({"backends": [{"name": "v", "type": "valkey", "url": "redis://h:1/0"}]}, environ={})
+    assert isinstance(cfg.backends[0], RedisConfig) and cfg.backends[0].socket_timeout_ms == 2000
+    with pytest.raises(ConfigError) as info:
+        parse({"backends": [{"name": "s", "type": "sglang", "backend": "moonckae"}]}, environ={})
+    assert "moonckae" in str(info.value) and "mooncake" in str(info.value)
+
+
+@pytest.mark.parametrize("section, field", [
+    ("admin", "api_key_file"),
+    ("backend", "password_file"),
+    ("webhook", "secret_file"),
+])
+def test_a_named_file_that_cannot_be_read_fails_the_load_naming_the_field(tmp_path, section, field):
+    missing = str(tmp_path / "nope")
+    doc = {"backends": [{"name": "r", "type": "redis", "url": "redis://h:1/0"}]}
+    where = {"admin": "admin", "backend": "backends[0]", "webhook": "observe.webhooks[0]"}[section]
+    if section == "admin":
+        doc["admin"] = {field: missing}
+    elif section == "backend":
+        doc["backends"][0][field] = missing
+    else:
+        doc["observe"] = {"webhooks": [{"url": "http://127.0.0.1:9/", field: missing}]}
+    with pytest.raises(ConfigError) as info:
+        parse(doc, environ={})
+    assert f"{where}.{field}: cannot read {missing!r}" in str(info.value)

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from . import __version__
 from .backends.errors import ConfigError
-from .config import load
+from .config import effective_document, load
 
 app = typer.Typer(help="High availability for SGLang HiCache L3 storage.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -79,12 +79,13 @@ def alert_rules(runbook_base: str = typer.Option(
 
 @app.command("check-config")
 def check_config(path: Path = typer.Argument(..., help="YAML or JSON config file")) -> None:
-    """Validate a config file and print it with every default filled in."""
+    """Validate a config file (with HICACHE_HA__… overrides applied) and print the whole effective document,
+    every default filled in and secrets redacted."""
     try:
         cfg = load(path)
     except ConfigError as exc:
         fail(str(exc))
-    console.print_json(json.dumps(cfg.model_dump(mode="json")))
+    console.print_json(json.dumps(effective_document(cfg)))
 
 
 @app.command()
@@ -131,13 +132,21 @@ def _call(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except AdminError as exc:
-        body = exc.body if isinstance(exc.body, dict) else {"error": str(exc.body)}
-        details = "".join(f"\n  rank {f['rank']}: {f['reason']}" for f in body.get("failed", []))
-        if body.get("rolled_back"):
-            details += f"\n  rolled back on ranks {body['rolled_back']}"
-        if body.get("missing"):
-            details += f"\n  missing ranks {body['missing']}"
-        fail(f"{exc}{details}", 1)
+        fail(f"{exc}{_details(exc.body)}", 1)
+
+
+def _details(body) -> str:
+    """Everything the API said besides its message: failed ranks one per line, then every other field."""
+    if not isinstance(body, dict):
+        return ""
+    lines = [f"rank {f['rank']}: {f['reason']}" for f in body.get("failed", []) if isinstance(f, dict)]
+    for key, value in body.items():
+        if key in ("error", "detail", "failed") or value in (None, [], {}, ""):
+            continue
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else json.dumps(value) \
+            if isinstance(value, dict) else str(value)
+        lines.append(f"{key.replace('_', ' ')}: {shown}")
+    return "".join(f"\n  {line}" for line in lines)
 
 
 def _print_status(body: dict) -> None:

@@ -8,6 +8,7 @@ Errors name the field and what is allowed; nothing is half-applied.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
@@ -238,6 +239,28 @@ class HAConfig(_Strict):
             if b.name == name:
                 return b
         raise KeyError(name)
+
+
+_SECRET_NAME = re.compile(r"pass|secret|token|credential|(^|_)key$", re.IGNORECASE)
+
+
+def effective_document(cfg: HAConfig) -> dict:
+    """The whole effective document (every backend's own fields, every default) with secrets redacted:
+    URL passwords and inline values under secret-looking names (``*_file`` paths are shown)."""
+    from .backends.redis_backend import redact
+
+    def walk(value: Any, name: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, name) for v in value]
+        if isinstance(value, str):
+            if _SECRET_NAME.search(name) and not name.endswith("_file"):
+                return "***"
+            return redact(value) if "://" in value else value
+        return value
+
+    return walk(cfg.model_dump(mode="json", serialize_as_any=True))
 
 
 def _describe(exc: ValidationError) -> str:

@@ -136,6 +136,11 @@ def test_four_rank_processes_switch_refuse_fail_over_and_survive_a_controller_cr
     out = subprocess.run([sys.executable, "-m", "hicache_ha.cli", "status", "--url", f"http://127.0.0.1:{d.port}"],
                          env=d.env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "epoch 3" in out.stdout and "primary" in out.stdout
+    # A CLI error keeps what the API said: here the members there are.
+    out = subprocess.run([sys.executable, "-m", "hicache_ha.cli", "switch", "nosuch", "--url",
+                          f"http://127.0.0.1:{d.port}"], env=d.env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "unknown backend 'nosuch'" in out.stderr, out.stderr
+    assert "backends: primary, standby, extra" in out.stderr and "Traceback" not in out.stderr
 
     # The controller is killed: ranks keep serving; restarted, it resumes from the persisted state.
     d.kill_controller()

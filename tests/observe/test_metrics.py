@@ -1,5 +1,6 @@
 """Metrics as Prometheus scrapes them: names, labels, bounded series, and what a failover shows."""
 
+import json
 import re
 from pathlib import Path
 
@@ -104,8 +105,6 @@ def test_every_dashboard_and_alert_query_uses_exported_metrics(cluster_factory):
     c.client.put("/hicache/storage-backend", json={"backend": "standby"}, headers=AUTH)
     wait_for(lambda: "hicache_ha_op_duration_seconds" in exported_names(c), what="latency series")
     names = exported_names(c)
-    import json
-
     dashboard = json.loads((DEPLOY / "grafana" / "hicache-ha-dashboard.json").read_text())
     queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     rules = yaml.safe_load((DEPLOY / "prometheus" / "hicache-ha-rules.yml").read_text())["groups"][0]["rules"]
@@ -113,3 +112,62 @@ def test_every_dashboard_and_alert_query_uses_exported_metrics(cluster_factory):
     used = {re.sub(r"_(bucket|sum|count)$", "", n) for q in queries for n in re.findall(r"hicache_ha_[a-z_]+", q)}
     assert used, "no query found"
     assert used <= names, f"queries use metrics nobody exports: {sorted(used - names)}"
+
+
+def test_every_dashboard_query_is_scoped_to_the_chosen_deployment_and_instance():
+    """One Prometheus scrapes many deployments: every series a panel selects is filtered by the dashboard's
+    deployment and instance variables, and every aggregation keeps them apart."""
+    dashboard = json.loads((DEPLOY / "grafana" / "hicache-ha-dashboard.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert {"datasource", "deployment", "instance"} <= set(variables)
+    assert "deployment=~\"$deployment\"" in variables["instance"]["query"]["query"]  # instances of that deployment
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    for expr in exprs:
+        selectors = re.findall(r"hicache_ha_[a-z_]+(\{[^}]*\})?", expr)
+        assert selectors and all('deployment=~"$deployment"' in s and 'instance=~"$instance"' in s
+                                 for s in selectors), expr
+        for by in re.findall(r"\bby \(([^)]*)\)", expr):
+            assert {"deployment", "instance"} <= {x.strip() for x in by.split(",")}, expr
+
+
+def test_without_a_controller_each_process_serves_metrics_and_readiness():
+    """admin.mode off, observe.metrics_port set: /metrics, /healthz, and /readyz that follows the active
+    member (ready on a healthy standby after a failover, not ready when detached)."""
+    import httpx
+
+    from hicache_ha.config import parse
+    from hicache_ha.control.service import attach_control_plane
+    from hicache_ha.sim.servers import free_port
+
+    port = free_port()
+    cfg = parse({"backends": [{"name": "primary", "type": GATE}, {"name": "standby", "type": "memory"}],
+                 "admin": {"mode": "off", "deployment": "solo"}, "observe": {"metrics_port": port},
+                 "health": {"failure_rate": None, "slow_calls": None, "ping": {"interval_ms": 20, "timeout_ms": 50}}},
+                environ={})
+    m = BackendManager(cfg, Layout(model="m"))
+    plane = attach_control_plane(m, cfg)
+    gate = m.members["primary"].backend
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert httpx.get(f"{url}/healthz").json()["ok"] is True
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 200 and ready.json()["ranks"] == [
+            {"rank": 0, "ready": True, "active": "primary", "state": "healthy"}]
+        assert has(scrape(httpx.get(f"{url}/metrics").text)["hicache_ha_backend_active"],
+                   {"deployment": "solo", "rank": "0", "backend": "primary"}, 1.0)
+        gate.close_gate()  # the primary hangs: the rank fails over, and is ready on the standby
+        wait_for(lambda: m.status()["active"] == "standby", timeout=5, what="failover")
+        assert httpx.get(f"{url}/readyz").status_code == 200
+        m.detach(force=True)
+        answer = httpx.get(f"{url}/readyz")
+        assert answer.status_code == 503 and answer.json()["ranks"][0]["state"] == "detached"
+    finally:
+        gate.open_gate()
+        plane.close()
+        m.close()
+    try:  # closed: the port is free again
+        httpx.get(f"{url}/healthz", timeout=1)
+        raise AssertionError("still serving after close")
+    except httpx.TransportError:
+        pass

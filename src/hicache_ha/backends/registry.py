@@ -71,6 +71,7 @@ def resolve(type_name: str) -> type[Backend]:
 
 
 @lru_cache(maxsize=None)
+@lru_cache(maxsize=256)  # one model per type name, not one per parse
 def config_model(type_name: str):
     """The config model for ``type_name``: the class's own Config, with ``type`` pinned to that name."""
     cls = resolve(type_name)

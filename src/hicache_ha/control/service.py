@@ -130,6 +130,7 @@ class ControlPlane:
             self.webhooks.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
+            self.metrics_server.server_close()
 
 
 def attach_control_plane(manager: BackendManager, config: HAConfig) -> ControlPlane:

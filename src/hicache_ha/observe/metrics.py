@@ -11,9 +11,13 @@ text. The scrape adds its own identity (job, instance, namespace, pod); alert ru
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+import json
+import threading
+from typing import Callable, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -157,9 +161,42 @@ def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
-def serve_process_metrics(port: int, statuses: Statuses, deployment: str = "default", host: str = "127.0.0.1",
-                          *extra: Collector) -> Optional[object]:
-    """Per-process /metrics for deployments without a controller (prometheus_client's own server)."""
-    from prometheus_client import start_http_server
+def readiness(statuses: Statuses) -> tuple[bool, list[dict]]:
+    """Ready when every rank of this process has an active member and it is healthy (a failed-over rank
+    serving from a healthy standby is ready; a detached rank, or one whose active member tripped, is not)."""
+    ranks = []
+    for rank, _identity, status in statuses():
+        states = {b["name"]: b.get("state") for b in status["backends"]}
+        active = status["active"]
+        ok = active is not None and states.get(active) == "healthy"
+        ranks.append({"rank": rank, "ready": ok, "active": active,
+                      "state": states.get(active) if active else "detached"})
+    return bool(ranks) and all(r["ready"] for r in ranks), ranks
 
-    return start_http_server(port, addr=host, registry=registry_for(RankMetrics(statuses, deployment), *extra))
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+        pass
+
+
+def serve_process_metrics(port: int, statuses: Statuses, deployment: str = "default", host: str = "127.0.0.1",
+                          *extra: Collector) -> tuple[WSGIServer, threading.Thread]:
+    """Per-process endpoints for deployments without a controller: ``/metrics`` (prometheus_client's WSGI
+    app), ``/healthz`` (the process answers) and ``/readyz`` (see :func:`readiness`; 503 says why)."""
+    metrics = make_wsgi_app(registry_for(RankMetrics(statuses, deployment), *extra))
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path not in ("/readyz", "/healthz"):
+            return metrics(environ, start_response)
+        ok, ranks = readiness(statuses) if path == "/readyz" else (True, None)
+        body = json.dumps({"ready" if path == "/readyz" else "ok": ok, "deployment": deployment,
+                           **({"ranks": ranks} if ranks is not None else {})}).encode()
+        start_response("200 OK" if ok else "503 Service Unavailable",
+                       [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_Quiet)
+    thread = threading.Thread(target=server.serve_forever, name="hicache-ha-metrics", daemon=True)
+    thread.start()
+    return server, thread
