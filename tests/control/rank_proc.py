@@ -51,6 +51,7 @@ def main():
         data = {"calls": len(st.samples), "errors": st.errors_surfaced, "bad_pages": st.verify_failures,
                 "max_latency_s": max((s.seconds for s in list(st.samples)), default=0.0),
                 "epoch": m.epoch, "active": m.active.name if m.active else None, "failovers": m.failovers,
+                "in_flight": {name: member.in_flight for name, member in m.members.items()},
                 "members": sorted(m.members), "prepared": len(agent._prepared) if agent else None,
                 "threads": sum(1 for t in threading.enumerate() if t.name.startswith("hicache-ha")),
                 "time": time.time()}

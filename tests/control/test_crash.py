@@ -50,6 +50,14 @@ def gate(d, rank, closed: bool):
         path.unlink(missing_ok=True)
 
 
+def hang(d, rank):
+    """Close rank ``rank``'s gate and wait until one of its calls is stuck there: a drain of its primary
+    then cannot finish while the gate is closed."""
+    gate(d, rank, True)
+    wait_for(lambda: d.reports()[rank].get("in_flight", {}).get("primary", 0) > 0, timeout=10,
+             what=f"a call stuck on rank {rank}'s primary")
+
+
 def in_background(fn):
     import threading
 
@@ -95,11 +103,12 @@ def test_controller_killed_after_prepare(deployment):
 
 def test_controller_killed_mid_commit(deployment):
     d = deployment
-    gate(d, 2, True)  # a call hangs on rank 2's old member: its commit drains, the others commit at once
+    hang(d, 2)  # a call hangs on rank 2's old member: its commit drains, the others commit at once
     base = d.client.status()["epoch"]
     in_background(lambda: d.client.switch("standby", drain_timeout_s=20))
-    wait_for(lambda: sum(1 for x in d.reports() if x.get("active") == "standby") == 3, timeout=15,
-             what="three ranks committed")
+    # Every rank routes to the standby at once; rank 2's commit is still draining its stuck call.
+    wait_for(lambda: all(x.get("active") == "standby" for x in d.reports()), timeout=15,
+             what="every rank committed or committing")
     d.kill_controller()
     assert recover(d) == (base + 2, "primary")
 
@@ -107,10 +116,10 @@ def test_controller_killed_mid_commit(deployment):
 def test_controller_killed_mid_rollback(deployment):
     d = deployment
     base = d.client.status()["epoch"]
-    gate(d, 2, True)  # rank 2 will refuse its commit (drain timeout)...
+    hang(d, 2)  # rank 2 will refuse its commit (drain timeout)...
     in_background(lambda: d.client.switch("standby", drain_timeout_s=2))
-    wait_for(lambda: sum(1 for x in d.reports() if x.get("active") == "standby") == 3, timeout=15,
-             what="three ranks committed")
+    wait_for(lambda: all(x.get("active") == "standby" for x in d.reports()), timeout=15,
+             what="every rank committed or committing (rank 2 draining for 2 s)")
     d.ranks[1].send_signal(signal.SIGSTOP)  # ... and rank 1 will not answer the rollback
     wait_for(lambda: [x.get("active") for i, x in enumerate(d.reports()) if i in (0, 3)] == ["primary", "primary"],
              timeout=15, what="ranks 0 and 3 restored (rollback under way)")
@@ -121,10 +130,10 @@ def test_controller_killed_mid_rollback(deployment):
 def test_controller_killed_mid_detach(deployment):
     d = deployment
     base = d.client.status()["epoch"]
-    gate(d, 0, True)
+    hang(d, 0)
     in_background(lambda: d.client.detach(drain_timeout_s=20))
-    wait_for(lambda: sum(1 for x in d.reports() if x.get("active") is None) == 3, timeout=15,
-             what="three ranks detached")
+    wait_for(lambda: all(x.get("active") is None for x in d.reports()), timeout=15,
+             what="every rank detached or detaching (rank 0 draining its stuck call)")
     d.kill_controller()
     assert recover(d) == (base + 2, "primary")
     reports = d.reports()

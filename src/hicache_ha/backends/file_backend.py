@@ -50,6 +50,10 @@ class FileBackend(Backend):
 
     @classmethod
     def from_config(cls, config: FileConfig, context: BackendContext) -> "FileBackend":
+        try:
+            os.makedirs(config.path, exist_ok=True)
+        except OSError:  # not there yet (a mount still coming up): calls fail, recovery probes create it
+            pass
         return cls(config)
 
     # -- paths and errors -------------------------------------------------------------------------
@@ -172,7 +176,12 @@ class FileBackend(Backend):
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileNotFoundError:
-                os.makedirs(os.path.dirname(tmp), exist_ok=True)
+                # Only the shard: a root that vanished (an unmounted volume) is unavailable, and pages
+                # must not land on whatever filesystem is left under its mount point.
+                try:
+                    os.mkdir(os.path.dirname(tmp))
+                except FileExistsError:
+                    pass
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 pending = [p for p in parts if p.nbytes]
