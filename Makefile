@@ -9,7 +9,7 @@ SGLANG := $(VENV)/.installed-sglang
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: demo test bench chaos redis-server test-tools install install-sglang clean
+.PHONY: demo test bench chaos redis-server libibverbs test-tools install install-sglang clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -21,14 +21,21 @@ $(BASE): pyproject.toml | $(PY)
 # SGLang's real code on a CPU machine (see docs/reference.md): torch's CPU build, the sglang wheel without its
 # GPU dependencies, the CPU-side packages its storage interface, host pools and cache controllers import;
 # compressed-tensors without its dependencies (they would pull a CUDA torch), and a torchvision stand-in
-# (PyPI's torchvision is built for CUDA and fails to import beside torch's CPU build).
-$(SGLANG): $(BASE) tests/stubs/torchvision/pyproject.toml
+# (PyPI's torchvision is built for CUDA and fails to import beside torch's CPU build); the clients of
+# SGLang's own storage backends (Mooncake, NIXL, AIBrix, an S3 server) for the wrapped members' tests.
+$(SGLANG): $(BASE) pyproject.toml tests/stubs/torchvision/pyproject.toml | libibverbs
 	$(PIP) install -q 'torch==2.13.0'
 	$(PIP) install -q --no-deps 'sglang==0.5.23'
-	$(PIP) install -q -e '.[dev,test-sglang-cpu]'
+	$(PIP) install -q -e '.[dev,test-sglang-cpu,test-backends]'
 	$(PIP) install -q --no-deps 'compressed-tensors==0.18.0' ./tests/stubs/torchvision
-	$(PY) -W ignore -c "import sglang.srt.managers.cache_controller, sglang.srt.mem_cache.pool_host.mha, sglang.srt.mem_cache.hybrid_cache.hybrid_cache_controller, sglang.srt.mem_cache.unified_radix_cache"
+	$(PIP) install -q --no-deps 'nixl==1.5.1' 'nixl-cu12==1.5.1' 'aibrix-kvcache==0.8.0'
+	$(PY) -W ignore -c "import sglang.srt.managers.cache_controller, sglang.srt.mem_cache.pool_host.mha, sglang.srt.mem_cache.hybrid_cache.hybrid_cache_controller, sglang.srt.mem_cache.unified_radix_cache, mooncake.store, nixl, aibrix_kvcache.cache_manager, moto.server"
 	touch $@
+
+# Mooncake's client library links libibverbs even over TCP (Debian's libibverbs1).
+libibverbs:
+	@ldconfig -p | grep -q 'libibverbs\.so\.1 ' || { echo "installing with apt-get: libibverbs1"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends libibverbs1; }
 
 install: $(BASE)
 install-sglang: $(SGLANG)

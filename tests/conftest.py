@@ -31,8 +31,14 @@ def _no_threads_left_behind(request):
     while (left := _ours() - before) and time.monotonic() < deadline:
         time.sleep(0.02)
     if left:
+        import sys
+        import traceback
+
+        frames = sys._current_frames()
+        where = "".join(f"\n--- {t.name}\n" + "".join(traceback.format_stack(frames[t.ident])[-6:])
+                        for t in sorted(left, key=lambda t: t.name)[:3] if t.ident in frames)
         pytest.fail(f"{request.node.nodeid} left {len(left)} hicache-ha threads running: "
-                    f"{sorted(t.name for t in left)[:8]}", pytrace=False)
+                    f"{sorted(t.name for t in left)[:8]}{where}", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,8 @@ def test_check_config_prints_every_backend_field_and_redacts_secrets(tmp_path):
     path.write_text("backends:\n"
                     "  - {name: r, type: redis, url: 'redis://:hunter2@127.0.0.1:6379/0'}\n"
                     "  - {name: f, type: file, path: /var/cache/hicache, capacity_bytes: 1GiB}\n"
-                    "  - {name: s, type: sglang, backend: file, extra_config: {access_token: t0ps3cret}}\n")
+                    "  - {name: s, type: sglang, backend: seaweedfs, extra_config: {endpoint: 'http://s3:8333',"
+                    " access_key: ak, secret_key: t0ps3cret}}\n")
     result = runner.invoke(app, ["check-config", str(path)], env={"HICACHE_HA__DEADLINES_MS__GET": "321"})
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
@@ -31,7 +32,8 @@ def test_check_config_prints_every_backend_field_and_redacts_secrets(tmp_path):
     assert redis_["url"] == "redis://:***@127.0.0.1:6379/0" and "hunter2" not in result.output
     assert "socket_timeout_ms" in redis_ or len(redis_) > 4  # the backend's own defaults, not the base class
     assert file_["path"] == "/var/cache/hicache" and file_["capacity_bytes"] == 2**30
-    assert sglang_["extra_config"]["access_token"] == "***" and "t0ps3cret" not in result.output
+    assert sglang_["extra_config"]["secret_key"] == "***" and "t0ps3cret" not in result.output
+    assert sglang_["extra_config"]["endpoint"] == "http://s3:8333"
     assert doc["deadlines_ms"]["get"] == 321
     assert doc["health"]["ping"]["timeout_ms"] == 100  # what the README's table says
 

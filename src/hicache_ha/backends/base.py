@@ -8,8 +8,9 @@ A backend maps its library's exceptions to ``hicache_ha.backends.errors`` at its
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,6 +35,9 @@ class Capabilities:
     envelope: bool = True
     # The backend knows other instances of its own cluster and can move to one (``reconnect``).
     cluster: bool = False
+    # Pages ``fetch`` yields live in the backend's own memory and are valid only inside it: a caller that
+    # keeps one copies it there.
+    borrowed: bool = False
 
 
 @dataclass
@@ -43,6 +47,7 @@ class BackendContext:
     storage_config: Any = None
     host: Any = None  # an object with a ``mem_pool_host`` attribute, filled in when SGLang registers it
     extra: dict = field(default_factory=dict)
+    default_workers: int = 4  # bulkhead.max_concurrent: a member's workers unless it sets its own
 
     @property
     def mem_pool_host(self) -> Any:
@@ -58,6 +63,26 @@ class Backend(ABC):
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self.name = config.name
+        # Set by the data plane: call when the backend became ready to serve on its own (built late).
+        self.on_ready: Callable[[], None] = lambda: None
+
+    @property
+    def ready(self) -> bool:
+        """False while the backend is not built yet (it waits for the host, or its build failed): its
+        member starts ``circuit_broken`` with ``not_ready_reason`` and recovers through probes."""
+        return True
+
+    @property
+    def pending(self) -> bool:
+        """True while a first build is under way and has not failed: traffic waits for it rather than
+        failing over (it is start-up, not a failure)."""
+        return False
+
+    def not_ready_reason(self) -> str:
+        return ""
+
+    def host_ready(self) -> None:
+        """The host registered what the backend may need to be built (SGLang's host pool)."""
 
     @classmethod
     def from_config(cls, config: BackendConfig, context: BackendContext) -> "Backend":
@@ -79,10 +104,26 @@ class Backend(ABC):
         ``nbytes`` is the expected payload size when the host knows it (backends that read into
         preallocated buffers need it; the others ignore it)."""
 
+    def fetch(self, keys: Sequence[str], nbytes: Optional[int] = None) -> AbstractContextManager[list]:
+        """``get`` as a context: the pages (buffers, tuples of buffers, None for a miss, or a CorruptPage
+        for a page that failed the backend's own check) are used inside it. With ``borrowed``, they
+        are valid only there."""
+        return nullcontext(self.get(keys, nbytes))
+
     @abstractmethod
     def set(self, keys: Sequence[str], values: Sequence[Any]) -> None:
         """Store every page; raise on failure. ``values`` are buffers, or tuples of buffers (the
-        envelope's header, then the page's pieces) to be stored as their concatenation."""
+        envelope's header, then the page's pieces) to be stored as their concatenation; for a backend
+        without the envelope, whatever its ``stage`` returned."""
+
+    def stage(self, keys: Sequence[str], values: Sequence[Any]) -> Any:
+        """On the engine thread, before the call is queued (backends without the envelope): make the
+        pages independent of engine memory, so a late worker never reads memory the engine reused.
+        Raise ``Refused`` when there is no room now."""
+        return [bytearray(join_parts(v)) for v in values]
+
+    def unstage(self, staged: Any) -> None:
+        """Give back what ``stage`` took, for a call that never reached ``set`` (refused, cancelled)."""
 
     def probe(self) -> None:
         """One round trip that proves the backend serves: write, read back and verify a canary."""
@@ -113,6 +154,13 @@ class Backend(ABC):
     def describe(self) -> dict:
         """A short, secret-free description for status output."""
         return {"name": self.name, "type": self.config.type}
+
+
+def page_nbytes(page: Any) -> int:
+    """The size of a page: one buffer, or a tuple of pieces."""
+    if isinstance(page, tuple):
+        return sum(memoryview(p).nbytes for p in page)
+    return memoryview(page).nbytes
 
 
 def join_parts(value: Any) -> Any:

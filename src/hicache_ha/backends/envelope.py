@@ -27,19 +27,24 @@ def _seed(storage_key: str) -> int:
     return _xxh3(storage_key.encode())
 
 
-def seal(storage_key: str, payload) -> bytes:
-    """Return the header for ``payload`` stored under ``storage_key``: one buffer, or a tuple of
-    buffers whose concatenation is the page (pieces of host memory, never copied into one)."""
+def checksum(storage_key: str, payload) -> tuple[int, int]:
+    """(length, xxh3-64 seeded by the key) of ``payload``: one buffer, or a tuple of buffers whose
+    concatenation is the page (pieces of host memory, never copied into one)."""
     if not isinstance(payload, tuple):
         view = memoryview(payload)
-        return _HEADER.pack(MAGIC, VERSION, 0, 0, view.nbytes, _xxh3(view, _seed(storage_key)))
+        return view.nbytes, _xxh3(view, _seed(storage_key))
     digest = xxhash.xxh3_64(seed=_seed(storage_key))
     length = 0
     for part in payload:
         view = memoryview(part)
         digest.update(view)
         length += view.nbytes
-    return _HEADER.pack(MAGIC, VERSION, 0, 0, length, digest.intdigest())
+    return length, digest.intdigest()
+
+
+def seal(storage_key: str, payload) -> bytes:
+    """Return the header for ``payload`` stored under ``storage_key`` (see ``checksum``)."""
+    return _HEADER.pack(MAGIC, VERSION, 0, 0, *checksum(storage_key, payload))
 
 
 def open_page(storage_key: str, blob) -> memoryview:

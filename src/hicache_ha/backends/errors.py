@@ -4,7 +4,9 @@
     ├── BackendUnavailable       connection refused / reset / unreachable, READONLY, LOADING, MASTERDOWN
     ├── BackendRejected          backend full, quota, OOM, ENOSPC
     ├── BackendTimeout           the library's own timeout fired
-    └── CorruptPage              a stored page failed its integrity check
+    ├── CorruptPage              a stored page failed its integrity check
+    └── Refused                  hicache-ha's own room for the call (staging memory) is full: our load,
+                                 never news about the backend (outcome ``short_circuited``)
 
 The data plane turns each into an outcome kind (``hicache_ha.health.outcomes``); nothing here ever
 reaches the engine.
@@ -35,6 +37,10 @@ class BackendTimeout(BackendError):
 
 class CorruptPage(BackendError):
     """A stored page does not match its integrity envelope (length, checksum or key)."""
+
+
+class Refused(BackendError):
+    """The adapter's own staging room (e.g. a bounce pool) has no space for the call right now."""
 
 
 class ConfigError(ValueError):

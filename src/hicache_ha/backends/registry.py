@@ -23,7 +23,7 @@ _BUILTINS = {
     "valkey": "hicache_ha.backends.redis_backend:RedisBackend",  # Valkey speaks Redis' protocol
     "file": "hicache_ha.backends.file_backend:FileBackend",
     "memory": "hicache_ha.backends.memory:MemoryBackend",
-    "sglang": "hicache_ha.backends.sglang_backend:SGLangBackend",
+    "sglang": "hicache_ha.backends.wrapped:SGLangBackend",
 }
 
 

@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
+from ..backends.errors import Refused
 from ..config import Deadlines
 from ..health.outcomes import Outcome
 from .member import Member, Sink
@@ -93,11 +94,15 @@ class DataPath:
             return [False] * n
         try:
             items = member.prepare_values(skeys, values)
+        except Refused:  # no staging room now: our own load, never news about the backend
+            member.refuse("set", n)
+            return [False] * n
         except (TypeError, ValueError) as exc:  # not a buffer: the caller's bug, not the backend's
             log.error("hicache-ha: set of %d pages: values are not buffers: %s", n, exc)
             self._count("unrouted_writes", n)
             return [False] * n
-        outcome, _ = member.call("set", self.deadlines["set"], member.set_job, skeys, items)
+        outcome, _ = member.call("set", self.deadlines["set"], member.set_job, skeys, items,
+                                 on_cancel=None if member.envelope else lambda: member.backend.unstage(items))
         return [outcome is Outcome.OK] * n
 
     def clear(self, prefixes: Sequence[str]) -> bool:

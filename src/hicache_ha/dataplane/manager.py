@@ -38,6 +38,7 @@ class BackendManager:
         self.config = parse(config)
         self.layout = layout or Layout()
         self.context = context or BackendContext()
+        self.context.default_workers = self.config.bulkhead.max_concurrent
         self._clock = clock
         self.events = EventLog(rank=self.layout.rank)
         self.supervisor = Supervisor(self, self.config.health, self.config.failover, self.config.backends[0].name,
@@ -48,6 +49,8 @@ class BackendManager:
         first = self.members[self.config.backends[0].name]
         self.path = DataPath(Route(1, first), self.config.deadlines_ms)
         self.kv = self.namespace(self.layout)  # the KV pool's pages of this rank
+        for member in self.members.values():
+            self._hold_until_built(member)
         self.switcher = Switcher(self.path, self.members, self._build, self.events,
                                  self.config.health.recovery.probe_timeout_ms / 1000, self.supervisor.wake)
         # Who carries out a failover the supervisor decided on. A control plane replaces it so that all
@@ -69,7 +72,28 @@ class BackendManager:
         member = Member(spec, backend, workers, self.config.bulkhead.queue, self.config.health, clock=self._clock)
         member.listeners.append(self._on_transition)
         member.on_news = self.supervisor.wake
+
+        def built_late() -> None:  # recover now: probes (then trials) prove it, as after any trip
+            member.apply(lambda b, now: b.retry_now(now))
+            self.supervisor.wake()
+
+        backend.on_ready = built_late
+        if hasattr(self, "path"):  # a member built later (attached): the rank is up
+            self._hold_until_built(member)
         return member
+
+    @staticmethod
+    def _hold_until_built(member: Member) -> None:
+        """A member whose backend is not built yet starts out of traffic: start-up never waits on it."""
+        if not member.backend.ready:
+            member.apply(lambda b, now: b.trip(now, member.backend.not_ready_reason()))
+
+    def host_ready(self) -> None:
+        """SGLang registered its host pool: members that waited for it are built now (each waits at most
+        its own ``start_wait_ms``; past that it goes on being built in the background)."""
+        for member in list(self.members.values()):
+            if not member.backend.ready:
+                member.backend.host_ready()
 
     def _on_transition(self, member: Member, t: Transition) -> None:
         """A member changed state (decided on the supervisor, an admin or a switch thread; never on an

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
-from ..backends.base import Backend, BackendConfig
+from ..backends.base import Backend, BackendConfig, join_parts, page_nbytes
 from ..backends.envelope import open_page, seal
 from ..backends.errors import CorruptPage
 from ..config import HealthConfig
@@ -98,6 +98,9 @@ class Member:
         # behind engine calls (a busy member is judged on time) and never take an engine call's worker.
         self.checks = Bulkhead(f"{spec.name}-checks", CHECK_WORKERS, CHECK_WORKERS, clock=clock)
         self.breaker = breaker_from_config(health, clock())
+        # Its backend is built late (after SGLang's host pool): the first time it is healthy, traffic
+        # comes back to it even with manual failback (that was start-up, not a failure).
+        self.startup_failback = not backend.ready
         self.stats = OpStats()
         self.verdicts = verdicts(Outcome(o) for o in health.failure_outcomes)
         self.slow_fraction = health.slow_calls.fraction_of_deadline if health.slow_calls else 1.0
@@ -119,10 +122,12 @@ class Member:
         return self.bulkhead.in_flight
 
     # -- the engine path ----------------------------------------------------------------------------
-    def call(self, op: str, deadline_s: float, job: Callable[..., Any], *args: Any) -> tuple[Outcome, Any]:
+    def call(self, op: str, deadline_s: float, job: Callable[..., Any], *args: Any,
+             on_cancel: Optional[Callable[[], None]] = None) -> tuple[Outcome, Any]:
         """An engine call: admitted, run on a worker as ``job(call, *args)``, waited for at most
         ``deadline_s``. Never raises and never blocks on anything but the call. After a timeout the call
-        is fenced: its result, whenever it comes, is never looked at, and it writes nothing more."""
+        is fenced: its result, whenever it comes, is never looked at, and it writes nothing more.
+        ``on_cancel`` runs (on this thread) if the job never ran: refused, or cancelled while queued."""
         start = self._clock()
         with self._lock:
             generation = self.breaker.admit()
@@ -134,8 +139,16 @@ class Member:
                 self.stats.record(op, Outcome.SHORT_CIRCUITED, 0.0)
                 if op == "set":
                     self.stats.dropped_pages += len(args[0])
-                return Outcome.SHORT_CIRCUITED, None
+                refused = True
+            else:
+                refused = False
+        if refused:
+            if on_cancel is not None:
+                on_cancel()
+            return Outcome.SHORT_CIRCUITED, None
         if call is None:  # the backend holds every worker past its deadline: that is a timeout
+            if on_cancel is not None:
+                on_cancel()
             self.results.append(Result(op, len(args[0]), Outcome.TIMEOUT, start, 0.0, generation, False, False, 0,
                                        None))
             self.on_news()
@@ -162,6 +175,8 @@ class Member:
                 corrupt = result[1]
                 if corrupt:
                     outcome = Outcome.CORRUPT  # the good pages are still delivered
+        if on_cancel is not None and call.started is None:  # fenced while queued: the job never runs
+            on_cancel()
         service = (call.ended - call.started) if call.finished else now - start
         self.results.append(Result(op, len(args[0]), outcome, now, now - start, generation, service > self.slow_fraction * deadline_s,
                                    abandoned, corrupt, call.error))
@@ -190,32 +205,36 @@ class Member:
         is written into the caller's memory here, on the worker that read it, under a claim on the
         call: once the caller has given up (fenced), no further write happens. Returns (one bool per
         key with a sink, else one page or None per key; the number of corrupt pages)."""
-        blobs = self.backend.get(keys, nbytes)
         out: list = [False if sink else None] * len(keys)
         sizes = nbytes if isinstance(nbytes, (list, tuple)) else None
         corrupt = 0
-        for i, (key, blob) in enumerate(zip(keys, blobs)):
-            if blob is None:
-                continue
-            expected = sizes[i] if sizes is not None else nbytes
-            try:
-                page = open_page(key, blob) if self.envelope else memoryview(blob)
-                if expected is not None and page.nbytes != expected:
-                    raise CorruptPage(f"page {key!r}: {page.nbytes} bytes, this layout expects {expected}")
-            except CorruptPage as exc:
-                corrupt += 1
-                self._log.warn(("get", "corrupt"), "hicache-ha: get on %r: %s", self.name, exc)
-                continue
-            if sink is None:
-                out[i] = page
-                continue
-            if not call.claim():
-                break
-            try:
-                sink(i, page)
-                out[i] = True
-            finally:
-                call.unclaim()
+        borrowed = self.backend.capabilities.borrowed
+        with self.backend.fetch(keys, nbytes) as blobs:
+            for i, (key, blob) in enumerate(zip(keys, blobs)):
+                if blob is None:
+                    continue
+                expected = sizes[i] if sizes is not None else nbytes
+                try:
+                    if isinstance(blob, CorruptPage):  # failed the backend's own check
+                        raise blob
+                    page = open_page(key, blob) if self.envelope else blob
+                    size = page_nbytes(page)
+                    if expected is not None and size != expected:
+                        raise CorruptPage(f"page {key!r}: {size} bytes, this layout expects {expected}")
+                except CorruptPage as exc:
+                    corrupt += 1
+                    self._log.warn(("get", "corrupt"), "hicache-ha: get on %r: %s", self.name, exc)
+                    continue
+                if sink is None:
+                    out[i] = bytes(join_parts(page)) if borrowed else page
+                    continue
+                if not call.claim():
+                    break
+                try:
+                    sink(i, page)
+                    out[i] = True
+                finally:
+                    call.unclaim()
         return out, corrupt
 
     def prepare_values(self, keys: Sequence[str], values: Sequence[Any]) -> list:
@@ -225,7 +244,14 @@ class Member:
         envelope the page is copied now, so a late worker never reads reused memory."""
         if self.envelope:
             return [(seal(k, v), *v) if isinstance(v, tuple) else (seal(k, v), v) for k, v in zip(keys, values)]
-        return [bytearray(b"".join(v)) if isinstance(v, tuple) else bytearray(v) for v in values]
+        return self.backend.stage(keys, values)
+
+    def refuse(self, op: str, pages: int) -> None:
+        """An engine call refused before it was queued, for want of our own room: short-circuited."""
+        with self._lock:
+            self.stats.record(op, Outcome.SHORT_CIRCUITED, 0.0)
+            if op == "set":
+                self.stats.dropped_pages += pages
 
     # -- the background path ------------------------------------------------------------------------
     def drain(self) -> bool:

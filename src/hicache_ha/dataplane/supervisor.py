@@ -116,12 +116,12 @@ class Supervisor:
                 self.next_ping[m.name] = now  # a failed or timed-out call: confirm with a ping at once
         self._collect(now)
         for m in members:
-            m.apply(lambda b, t: b.tick(t))
+            if not m.backend.pending:  # a first build under way ends with its own wake-up (on_ready)
+                m.apply(lambda b, t: b.tick(t))
         self._schedule(members, now)
         if self.failover.enabled:
             self._failover(now)
-            if self.failover.failback == "auto":
-                self._failback(now)
+            self._failback(now)
         return self._next_due(members) - self.clock()
 
     def _next_due(self, members: list[Member]) -> float:
@@ -238,7 +238,10 @@ class Supervisor:
 
     def _failover(self, now: float) -> None:
         active = self.rank.active_member()
-        if active is None or active.state == HEALTHY:
+        if (active is None or active.state == HEALTHY or active.backend.pending
+                or (active.startup_failback and active.state == RECOVERING)):
+            # A backend still being built for the first time, or proving itself once built, is start-up,
+            # not a failure: wait for it.
             self.broken_since = None
             self.no_target_reported = False
             return
@@ -264,12 +267,21 @@ class Supervisor:
         self._submit(target, "failover", probe_timeout, target.backend.probe)
 
     def _failback(self, now: float) -> None:
+        """Back to the primary once it stayed healthy ``failback_after_ms`` (``failback: auto``), or at
+        once the first time a primary built late is healthy (start-up, whatever the mode)."""
         active = self.rank.active_member()
         primary = next((m for m in self.rank.all_members() if m.name == self.primary), None)
-        if primary is None or active is None or active is primary or primary.state != HEALTHY:
+        if primary is None or active is None:
+            return
+        if active is primary:
+            if primary.state == HEALTHY:
+                primary.startup_failback = False
+            return
+        startup = primary.startup_failback
+        if primary.state != HEALTHY or not (startup or self.failover.failback == "auto"):
             return
         since = primary.breaker.healthy_since
-        if since is None or now - since < self.failover.failback_after_ms / 1000:
+        if since is None or (not startup and now - since < self.failover.failback_after_ms / 1000):
             return
         if (primary.name, "failback") not in self.pending:
             self._submit(primary, "failback", self.health.recovery.probe_timeout_ms / 1000, primary.backend.probe)

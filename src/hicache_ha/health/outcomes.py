@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Iterable
 
-from ..backends.errors import BackendRejected, BackendTimeout, BackendUnavailable, CorruptPage
+from ..backends.errors import BackendRejected, BackendTimeout, BackendUnavailable, CorruptPage, Refused
 from .breaker import Verdict
 
 
@@ -48,6 +48,8 @@ def verdicts(failure_outcomes: Iterable[Outcome]) -> dict[Outcome, Verdict]:
 
 def classify(exc: BaseException) -> Outcome:
     """The outcome kind for an exception raised by a backend adapter."""
+    if isinstance(exc, Refused):
+        return Outcome.SHORT_CIRCUITED
     if isinstance(exc, BackendTimeout):
         return Outcome.TIMEOUT
     if isinstance(exc, BackendUnavailable):

@@ -27,8 +27,9 @@ from sglang.srt.mem_cache.hicache_storage import (
     HiCacheStorage, HiCacheStorageConfig, PoolName, PoolTransfer, PoolTransferResult,
 )
 
-from ..backends.base import BackendContext
+from ..backends.base import BackendContext, join_parts
 from ..backends.errors import ConfigError
+from ..backends.wrapped.hostpool import PagePool, as_bytes
 from ..config import HAConfig, load, parse
 from ..control.service import attach_control_plane
 from ..dataplane import BackendManager, Layout
@@ -38,7 +39,6 @@ from ..observe.logs import queue_logging
 from . import hits
 from .compat import check_sglang_version
 from .parallel import dp_place
-from .pools import PagePool, as_bytes
 
 log = logging.getLogger("hicache_ha.sglang")
 
@@ -95,7 +95,7 @@ def _v2_failure(transfers, *_a, **_k) -> dict:
 
 
 def _fill(target: torch.Tensor, page) -> torch.Tensor:
-    src = torch.frombuffer(page, dtype=torch.uint8)
+    src = torch.frombuffer(join_parts(page), dtype=torch.uint8)
     if target.is_contiguous():
         target.view(torch.uint8).reshape(-1).copy_(src)
     else:
@@ -157,6 +157,7 @@ class HAStorage(HiCacheStorage):
         self.namespaces[page_pool.name] = self.manager.namespace(layout)
         if page_pool.name == PoolName.KV.value:
             self.manager.set_layout(layout)
+            self.manager.host_ready()  # members built with the host pool are built now (bounded wait)
 
     def _kv_page(self) -> Optional[PagePool]:
         return self.pools.get(PoolName.KV.value)

@@ -6,14 +6,21 @@ order), so pages written by the legacy, v1 and v2 paths are one format. Where th
 located by SGLang's own ``get_page_buffer_meta``), pages are read from and written into host memory in
 place, with no copy of their own; otherwise through the pool's flat-page methods, with the page bytes
 viewed in the page's dtype (the pool reshapes what it is given in that dtype).
+
+A page handed around is one buffer, or a tuple of buffers whose concatenation is the page (its pieces
+in host memory, never joined unless a consumer needs one buffer).
 """
 
 from __future__ import annotations
 
+import copy
+import threading
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+
+from ..base import join_parts
 
 IN_PLACE_LAYOUTS = ("page_first", "page_first_direct")
 MAX_PIECES = 2  # K and V: more pieces per page (layer_first) cost more in Python than the pool's one copy
@@ -22,6 +29,19 @@ MAX_PIECES = 2  # K and V: more pieces per page (layer_first) cost more in Pytho
 def as_bytes(tensor: torch.Tensor) -> np.ndarray:
     """A flat byte view of a CPU tensor (a copy only when the tensor is not contiguous)."""
     return tensor.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
+
+
+def clone_pool(pool: Any, pages: int) -> Any:
+    """A host pool of the engine pool's own class, layout and dtype with room for ``pages`` pages, laid
+    out by SGLang's own ``init_kv_buffer``: its pages have the engine's byte format and piece geometry,
+    and its ``get_page_buffer_meta`` points into its own memory."""
+    twin = copy.copy(pool)
+    twin.page_num = pages
+    twin.size = pages * pool.page_size
+    twin.kv_buffer = twin.init_kv_buffer()
+    twin.lock = threading.RLock()
+    twin.clear()
+    return twin
 
 
 class PagePool:
@@ -89,9 +109,15 @@ class PagePool:
             pieces = self._pieces_of(host_indices, len(slots))
 
             def in_place(i: int, page: Any) -> None:
-                src = np.frombuffer(page, dtype=np.uint8)
+                dest = pieces[i]
+                if isinstance(page, tuple) and len(page) == len(dest) and all(
+                        memoryview(p).nbytes == n for p, (_o, n) in zip(page, dest)):
+                    for part, (offset, n) in zip(page, dest):  # the same geometry: piece by piece
+                        memory[offset:offset + n] = np.frombuffer(part, dtype=np.uint8)
+                    return
+                src = np.frombuffer(join_parts(page), dtype=np.uint8)
                 at = 0
-                for offset, n in pieces[i]:
+                for offset, n in dest:
                     memory[offset:offset + n] = src[at:at + n]
                     at += n
 
@@ -99,6 +125,7 @@ class PagePool:
         pool, dtype = self.pool, self.dtype
 
         def through_pool(i: int, page: Any) -> None:
-            pool.set_from_flat_data_page(slots[i], torch.frombuffer(page, dtype=torch.uint8).view(dtype))
+            flat = torch.frombuffer(join_parts(page), dtype=torch.uint8).view(dtype)
+            pool.set_from_flat_data_page(slots[i], flat)
 
         return through_pool

@@ -1,0 +1,468 @@
+"""Any backend SGLang's own StorageBackendFactory builds (mooncake, hf3fs, nixl, seaweedfs, aibrix, file, …),
+driven the way SGLang drives it, with HA on top.
+
+- **Built off the engine's start-up path.** The backend is built on a thread of its own once what it needs
+  is there (SGLang's host pool, for most), and start-up waits for it at most ``start_wait_ms``. A backend
+  that cannot be built leaves its member ``circuit_broken`` with the reason; each recovery probe, paced by
+  the breaker's backoff, tries the build again. A backend whose constructor can freeze the process
+  (Mooncake's holds the GIL while it retries) is first checked from a child process.
+- **Zero-copy as SGLang does it, into memory the member owns.** Backends SGLang drives through v1 get
+  ``batch_get_v1`` / ``batch_set_v1`` with host indices into a bounce pool (``bounce.py``), a twin of the
+  engine's pool registered with the backend; the data plane copies pages into the engine's pool under
+  the call's fence. The others get the legacy calls with tensors this member allocates.
+- **Verified pages.** Where a backend can keep one (``profiles.py``), a checksum record is stored beside
+  every page and every page read is checked against it; a page without its record is a miss.
+- **Scoped clear and repair** where the backend allows: only this deployment's and model's pages are
+  removed, and a backend that cannot recover alone (3FS's metadata registration, the S3 bucket) is
+  re-initialised by the member.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import struct
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, ClassVar, Iterator, Optional, Sequence
+
+from ..base import Backend, BackendContext, Capabilities
+from ..envelope import checksum
+from ..errors import BackendError, BackendUnavailable, ConfigError, CorruptPage
+from .config import SGLangConfig
+from .profiles import Profile, SumStore, kept_signals, profile_for
+
+log = logging.getLogger("hicache_ha.backends")
+
+_INSTALL_HINT = "type 'sglang' needs the sglang package: pip install sglang (with its storage backend's client)"
+_RECORD = struct.Struct("<QQ")  # length, xxh3-64 seeded by the key
+PROBE_KEY = "__hicache_ha_probe__"
+PING_KEY = "__hicache_ha_ping__"
+
+
+@dataclasses.dataclass
+class Built:
+    storage: Any  # SGLang's backend object
+    bounce: Any  # BouncePool for v1 backends, else None
+    sums: Optional[SumStore]
+    seconds: float
+
+
+class Staged:
+    """Pages of one set, copied out of engine memory on the engine thread: into bounce slots (v1), or into
+    buffers of their own (legacy). Their checksum records are computed from that copy."""
+
+    __slots__ = ("built", "slots", "pages", "fits", "records")
+
+    def __init__(self, built: Built, slots: Any, pages: Optional[list], fits: list[bool], records: Optional[list]):
+        self.built = built
+        self.slots = slots
+        self.pages = pages
+        self.fits = fits
+        self.records = records
+
+    def release(self) -> None:
+        if self.slots is not None:
+            self.slots.release()
+
+
+def _fold(flags: Any, n: int) -> list[bool]:
+    """One bool per key from a backend's answer (3FS answers per K and V half: 2 per key, or a bare True
+    on an MLA rank that does not write; a short answer fails every key)."""
+    if flags is True:
+        return [True] * n
+    if not isinstance(flags, (list, tuple)) or not flags or len(flags) % n:
+        return [False] * n
+    per = len(flags) // n
+    return [all(flags[i * per:(i + 1) * per]) for i in range(n)]
+
+
+def _prefix(flags: list[bool]) -> list[bool]:
+    """Only the pages before the first miss: past a miss, SGLang 0.5.23's 3FS client writes the next key's
+    bytes into the wrong page and reports stale ones as read, and SGLang loads only a prefix anyway."""
+    out, ok = [], True
+    for flag in flags:
+        ok = ok and bool(flag)
+        out.append(ok)
+    return out
+
+
+class SGLangBackend(Backend):
+    Config: ClassVar[type] = SGLangConfig
+    capabilities: ClassVar[Capabilities] = Capabilities(envelope=False, borrowed=True)
+
+    def __init__(self, config: SGLangConfig, context: BackendContext) -> None:
+        super().__init__(config)
+        self.config: SGLangConfig = config
+        self.context = context
+        self.profile: Profile = profile_for(config.backend)
+        self._built: Optional[Built] = None
+        self._builder: Optional[threading.Thread] = None
+        self._failure: Optional[str] = None
+        self._attempts = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._unverified = 0  # pages read without a checksum record (served as misses)
+        self._canary: Optional[bytes] = None
+
+    @classmethod
+    def from_config(cls, config: SGLangConfig, context: BackendContext) -> "SGLangBackend":
+        try:
+            from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(f"{_INSTALL_HINT} ({exc})") from exc
+        if context.storage_config is None:
+            raise ConfigError(
+                f"backend {config.name!r}: type 'sglang' runs inside SGLang (HAStorage), where the rank's "
+                "storage config is known"
+            )
+        backend = cls(config, context)
+        backend.host_ready()
+        return backend
+
+    # -- building -----------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._built is not None
+
+    @property
+    def pending(self) -> bool:
+        return self._built is None and self._failure is None and not self._closed
+
+    def not_ready_reason(self) -> str:
+        if self._failure:
+            return f"not built: {self._failure}"
+        if self.profile.needs_pool and self.context.mem_pool_host is None:
+            return "not built yet: waiting for SGLang's host pool"
+        return "being built"
+
+    def host_ready(self) -> None:
+        """Build now if what the backend needs is there; start-up waits ``start_wait_ms`` at most."""
+        if self.profile.needs_pool and self.context.mem_pool_host is None:
+            return
+        builder = self._start_build()
+        if builder is not None:
+            builder.join(self.config.start_wait_ms / 1000)
+            if builder.is_alive():
+                self._failure = self._failure or (
+                    f"still being built after {self.config.start_wait_ms} ms; the engine goes on without it")
+                log.warning("hicache-ha: %r (%s) is still being built after %d ms; the engine starts without it",
+                            self.name, self.config.backend, self.config.start_wait_ms)
+
+    def _start_build(self) -> Optional[threading.Thread]:
+        with self._lock:
+            if self._built is not None or self._closed:
+                return None
+            if self._builder is None or not self._builder.is_alive():
+                self._attempts += 1
+                self._builder = threading.Thread(target=self._build, name=f"hicache-ha-build-{self.name}",
+                                                 daemon=True)
+                self._builder.start()
+            return self._builder
+
+    def _build(self) -> None:
+        t0 = time.monotonic()
+        try:
+            built = self._construct()
+            built.seconds = time.monotonic() - t0
+        except Exception as exc:  # anything SGLang's constructor raises: the member stays out of traffic
+            self._failure = f"{type(exc).__name__}: {exc}"[:500]
+            log.warning("hicache-ha: %r: SGLang's %s backend could not be built (attempt %d, %.1f s): %s",
+                        self.name, self.config.backend, self._attempts, time.monotonic() - t0, self._failure)
+            return
+        with self._lock:
+            if self._closed:
+                self._close_built(built)
+                return
+            self._built, self._failure = built, None
+        log.info("hicache-ha: %r: SGLang's %s backend built in %.2f s%s", self.name, self.config.backend,
+                 built.seconds, f" (bounce pool: {built.bounce.pages} pages, {built.bounce.nbytes / 2**20:.1f} MiB)"
+                 if built.bounce is not None else "")
+        self.on_ready()
+
+    def _construct(self) -> Built:
+        from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+
+        cfg, profile = self.config, self.profile
+        storage_config = dataclasses.replace(self.context.storage_config, extra_config=dict(cfg.extra_config))
+        if profile.preflight is not None:
+            profile.preflight(storage_config, cfg.preflight_timeout_ms / 1000)
+        engine_pool = self.context.mem_pool_host
+        bounce = None
+        pool = None
+        if engine_pool is not None:
+            from .bounce import BouncePool, default_pages
+            from .hostpool import clone_pool
+
+            if profile.v1:
+                workers = cfg.max_concurrent or self.context.default_workers
+                bounce = BouncePool(engine_pool, default_pages(workers, cfg.batch_pages, cfg.bounce_pages),
+                                    f"{self.name}-bounce")
+                pool = bounce.pool
+            elif profile.needs_pool:  # built with a pool for its geometry only: legacy calls reach no pool
+                pool = clone_pool(engine_pool, 1)
+        with kept_signals(profile.signal_modules):
+            storage = StorageBackendFactory.create_backend(cfg.backend, storage_config, pool)
+        if pool is not None:
+            storage.register_mem_pool_host(pool)
+        if profile.tune is not None:
+            profile.tune(storage)
+        sums = profile.sums(storage) if cfg.verify and profile.sums is not None else None
+        return Built(storage, bounce, sums, 0.0)
+
+    def _require(self) -> Built:
+        built = self._built
+        if built is None:  # a probe starts the next attempt (paced by the breaker's backoff)
+            raise BackendUnavailable(f"{self.name!r} ({self.config.backend}): {self.not_ready_reason()}",
+                                     backend=self.name)
+        return built
+
+    # -- calls (on the member's workers) ------------------------------------------------------------
+    def _call(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except BackendError:
+            raise
+        except Exception as exc:  # SGLang's backends raise anything; map it here
+            if self._built is not None:
+                self._repair(self._built, exc)
+            raise BackendError(f"{self.config.backend} {what}: {type(exc).__name__}: {exc}",
+                               backend=self.name) from exc
+
+    def _repair(self, built: Built, why: Any) -> None:
+        """Let the backend's profile re-initialise what it cannot bring back by itself (3FS's registration,
+        the S3 bucket, NIXL's directories) after a failure; the failed call still counts as one."""
+        if self.profile.repair is None:
+            return
+        try:
+            if self.profile.repair(built.storage, why if isinstance(why, BaseException) else BackendError(str(why))):
+                log.info("hicache-ha: %r: re-initialised %s after: %s", self.name, self.config.backend, why)
+        except Exception as exc:  # the repair failed too: the breaker keeps the member out; probes retry
+            log.debug("hicache-ha: %r: re-initialising %s failed: %s", self.name, self.config.backend, exc)
+
+    def exists(self, keys: Sequence[str]) -> int:
+        built = self._require()
+        return int(self._call("batch_exists", built.storage.batch_exists, list(keys)) or 0)
+
+    def get(self, keys: Sequence[str], nbytes=None) -> list:
+        with self.fetch(keys, nbytes) as pages:
+            return [None if p is None or isinstance(p, CorruptPage) else bytes(b"".join(p) if isinstance(p, tuple)
+                                                                                 else p) for p in pages]
+
+    @contextmanager
+    def fetch(self, keys: Sequence[str], nbytes=None) -> Iterator[list]:
+        built = self._require()
+        keys = list(keys)
+        sizes = list(nbytes) if isinstance(nbytes, (list, tuple)) else [nbytes] * len(keys)
+        if built.bounce is None:
+            pages = self._legacy_get(built, keys, sizes)
+            flags = _prefix([p is not None for p in pages])
+            yield self._verified(built, keys, [p if ok else None for p, ok in zip(pages, flags)])
+            return
+        bounce = built.bounce
+        out: list = [None] * len(keys)
+        # Pages of another size (another pool's) are not this member's: they miss.
+        wanted = [i for i, size in enumerate(sizes) if size in (None, bounce.page_bytes)]
+        held = []
+        try:
+            step = self.config.batch_pages
+            for start in range(0, len(wanted), step):
+                part = wanted[start:start + step]
+                slots = bounce.acquire(len(part))
+                held.append(slots)
+                flags = _prefix(_fold(self._call("batch_get_v1", built.storage.batch_get_v1,
+                                                 [keys[i] for i in part], slots.indices), len(part)))
+                pages = slots.read()
+                for j, i in enumerate(part):
+                    if flags[j]:
+                        out[i] = pages[j]
+            yield self._verified(built, keys, out)
+        finally:
+            for slots in held:
+                slots.release()
+
+    def _legacy_get(self, built: Built, keys: list[str], sizes: list) -> list:
+        import torch
+
+        out: list = [None] * len(keys)
+        if self.profile.exists_before_get:  # a partial hit fails its whole batch_get: ask for the prefix
+            keys = keys[:int(self._call("batch_exists", built.storage.batch_exists, keys) or 0)]
+            if not keys:
+                return out
+        if None in sizes:
+            sizes = [size or self._page_bytes() for size in sizes]
+        targets = [self._tensor(torch.empty(size, dtype=torch.uint8)) for size in sizes[:len(keys)]]
+        got = self._call("batch_get", built.storage.batch_get, keys, targets)
+        if isinstance(got, list):
+            for i, t in enumerate(got[:len(keys)]):
+                out[i] = None if t is None else t.contiguous().view(torch.uint8).reshape(-1).numpy()
+        return out
+
+    def _tensor(self, raw: Any) -> Any:
+        """A page's bytes as the legacy calls want them: in the pool's dtype where it is known (AIBrix
+        checks it), else bytes."""
+        pool = self.context.mem_pool_host
+        dtype = getattr(pool, "dtype", None)
+        if dtype is None or raw.numel() % dtype.itemsize:
+            return raw
+        return raw.view(dtype)
+
+    def _page_bytes(self) -> int:
+        pool = self.context.mem_pool_host
+        if pool is None:
+            raise BackendError(f"backend {self.name!r}: page size unknown (no host pool registered)", backend=self.name)
+        page = pool.get_dummy_flat_data_page()
+        return page.numel() * page.element_size()
+
+    def _verified(self, built: Built, keys: list[str], pages: list) -> list:
+        """Each page checked against its record; a page without one is a miss, a mismatch is corrupt."""
+        if built.sums is None:
+            return pages
+        present = [i for i, p in enumerate(pages) if p is not None]
+        if not present:
+            return pages
+        records = self._call("checksum records", built.sums.get, [keys[i] for i in present])
+        for i, record in zip(present, records):
+            if record is None or len(record) != _RECORD.size:
+                pages[i] = None
+                self._unverified += 1
+                continue
+            if _RECORD.unpack(record) != checksum(keys[i], pages[i]):
+                pages[i] = CorruptPage(f"page {keys[i]!r}: does not match its checksum record")
+        return pages
+
+    # -- writes: staged on the engine thread, stored on a worker ------------------------------------
+    def stage(self, keys: Sequence[str], values: Sequence[Any]) -> Any:
+        built = self._built
+        if built is None:  # the worker's set will say why it cannot store
+            return super().stage(keys, values)
+        if built.bounce is None:
+            pages = super().stage(keys, values)
+            records = [_RECORD.pack(*checksum(k, p)) for k, p in zip(keys, pages)] if built.sums else None
+            return Staged(built, None, pages, [True] * len(pages), records)
+        from ..base import page_nbytes
+
+        bounce = built.bounce
+        fits = [page_nbytes(v) == bounce.page_bytes for v in values]
+        taken = [v for v, ok in zip(values, fits) if ok]
+        slots = bounce.acquire(len(taken))  # Refused when there is no room: our own load
+        try:
+            slots.write(taken)
+            records = None
+            if built.sums is not None:
+                stored = slots.read()
+                fitting = [k for k, ok in zip(keys, fits) if ok]
+                records = [_RECORD.pack(*checksum(k, p)) for k, p in zip(fitting, stored)]
+        except BaseException:
+            slots.release()
+            raise
+        return Staged(built, slots, None, fits, records)
+
+    def unstage(self, staged: Any) -> None:
+        if isinstance(staged, Staged):
+            staged.release()
+
+    def set(self, keys: Sequence[str], values: Any) -> None:
+        if not isinstance(values, Staged):  # staged before the backend was built
+            self._require()
+            raise BackendUnavailable(f"{self.name!r}: built while this write was queued; it is dropped",
+                                     backend=self.name)
+        staged = values
+        try:
+            built = staged.built
+            if built is not self._built:
+                raise BackendUnavailable(f"{self.name!r} was rebuilt while this write was queued", backend=self.name)
+            keys = [k for k, ok in zip(keys, staged.fits) if ok]
+            if built.bounce is None:
+                import torch
+
+                ok = self._call("batch_set", built.storage.batch_set, keys,
+                                [self._tensor(torch.frombuffer(p, dtype=torch.uint8)) for p in staged.pages])
+                if not ok:
+                    self._repair(built, f"batch_set returned {ok!r}")
+                    raise BackendError(f"{self.config.backend} batch_set returned {ok!r}", backend=self.name)
+            else:
+                step = self.config.batch_pages
+                for start in range(0, len(keys), step):
+                    part = keys[start:start + step]
+                    flags = _fold(self._call("batch_set_v1", built.storage.batch_set_v1, part,
+                                             staged.slots.part(start, start + len(part))), len(part))
+                    if not all(flags):
+                        self._repair(built, f"batch_set_v1 stored {sum(flags)} of {len(part)} pages")
+                        raise BackendError(f"{self.config.backend} batch_set_v1 stored {sum(flags)} of "
+                                           f"{len(part)} pages", backend=self.name)
+            if staged.records is not None and keys:
+                self._call("checksum records", built.sums.put, keys, staged.records)
+        finally:
+            staged.release()
+
+    # -- health -------------------------------------------------------------------------------------
+    def ping(self) -> None:
+        built = self._require()
+        self._call("batch_exists", built.storage.batch_exists, [PING_KEY])
+
+    def probe(self) -> None:
+        """Build if not built (each probe, paced by the backoff, is an attempt); then a canary page round
+        trip through the same path engine calls take (bounce pool, v1, checksum record)."""
+        if self._built is None:
+            if not (self.profile.needs_pool and self.context.mem_pool_host is None):
+                self._start_build()
+            raise BackendUnavailable(f"{self.name!r} ({self.config.backend}): {self.not_ready_reason()}",
+                                     backend=self.name)
+        built = self._built
+        page = self._canary_page(built)
+        sc = self.context.storage_config  # one canary per rank and page format: deployments may share a store
+        key = (f"{PROBE_KEY}-{self.name}-{str(sc.model_name or '').replace('/', '-')}-tp{sc.tp_rank}-pp{sc.pp_rank}"
+               f"-{len(page)}")
+        staged = self.stage([key], [page])
+        self.set([key], staged)
+        got = self.get([key], len(page))[0]
+        if got is None or bytes(got) != page:
+            raise BackendError(f"probe of {self.name!r}: canary read back {'nothing' if got is None else 'wrong'}",
+                               backend=self.name)
+
+    def _canary_page(self, built: Built) -> bytes:
+        """A page whose content follows from its key, so a backend that keeps the first copy of a key
+        (Mooncake skips keys it has) still reads back what the probe expects."""
+        if self._canary is None:
+            size = built.bounce.page_bytes if built.bounce is not None else self._page_bytes()
+            pattern = f"hicache-ha canary {self.name} ".encode()
+            self._canary = (pattern * (size // len(pattern) + 1))[:size]
+        return self._canary
+
+    # -- housekeeping -------------------------------------------------------------------------------
+    def clear(self, prefix: str) -> None:
+        built = self._require()
+        if self.profile.clear is None:
+            raise BackendError(f"{self.config.backend} cannot remove only this deployment's pages "
+                               "(SGLang's clear() would remove every model's): nothing removed", backend=self.name)
+        self._call("clear", self.profile.clear, built.storage, prefix)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            built, self._built = self._built, None
+        if built is not None:
+            self._close_built(built)
+
+    @staticmethod
+    def _close_built(built: Built) -> None:
+        close = getattr(built.storage, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.debug("hicache-ha: closing SGLang's backend failed", exc_info=True)
+
+    def describe(self) -> dict:
+        built = self._built
+        out = {**super().describe(), "backend": self.config.backend,
+               "built": built is not None, "verified": bool(built and built.sums is not None),
+               "unverified_reads": self._unverified}
+        if built is None:
+            out["reason"] = self.not_ready_reason()
+        elif built.bounce is not None:
+            out["bounce_pages"] = built.bounce.pages
+            out["bounce_bytes"] = built.bounce.nbytes
+        return out

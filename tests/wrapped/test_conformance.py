@@ -1,0 +1,103 @@
+"""Each of SGLang's own backends, as a hicache-ha member, driven the way SGLang drives it: zero-copy v1
+into a bounce pool the member owns (or the legacy calls), built once SGLang registered its host pool, with
+checksum records where the backend keeps them and a clear that removes only this model's pages."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.wrapped.conftest import (KINDS, SCOPED_CLEAR, VERIFIED, build, engine_pool, fill, ha, member,
+                                    pages_at, wait_healthy)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pages_round_trip_through_the_member_as_sglang_drives_the_backend(kind, request, tmp_path):
+    pool = engine_pool(kind)
+    s = build(ha(member(kind, request, tmp_path)), pool=pool)
+    wait_healthy(s)
+    assert not [e for e in s.ha_status()["events"] if e["to"] == "standby"]  # start-up is no failover
+    ps = pool.page_size
+    written = torch.arange(0, 6 * ps)
+    expected = fill(pool, written, seed=3)
+    keys = [f"page-{i}" for i in range(6)]
+    assert s.batch_set_v1(keys, written) == [True] * 6
+    assert s.batch_exists(keys + ["absent"]) == 6
+    assert s.batch_exists(["absent"] + keys) == 0
+    target = torch.arange(6 * ps, 12 * ps)
+    assert s.batch_get_v1(keys, target) == [True] * 6
+    assert pages_at(pool, target) == expected
+    # A miss in the middle: the pages before it load (NIXL fails a batch as a whole), none after it, and
+    # nothing is written where a page did not load (SGLang's own 3FS client would shift page-2 there).
+    again = torch.arange(12 * ps, 15 * ps)
+    before = pool.kv_buffer.clone()
+    first = kind != "nixl"
+    assert s.batch_get_v1(["page-0", "absent", "page-2"], again) == [first, False, False]
+    if first:
+        assert pages_at(pool, again[:ps]) == expected[:1]
+    assert torch.equal(pool.kv_buffer[:, 13 * ps:15 * ps], before[:, 13 * ps:15 * ps])
+    status = s.ha_status()
+    primary = next(b for b in status["backends"] if b["name"] == "primary")
+    assert primary["built"] and primary["verified"] == (kind in VERIFIED)
+    assert status["active"] == "primary"
+
+
+@pytest.mark.parametrize("kind", ["mooncake", "hf3fs", "seaweedfs", "nixl"])
+def test_zero_copy_backends_only_ever_see_the_members_own_memory(kind, request, tmp_path):
+    pool = engine_pool(kind)
+    s = build(ha(member(kind, request, tmp_path)), pool=pool)
+    wait_healthy(s)
+    backend = s.manager.members["primary"].backend
+    bounce = backend._built.bounce
+    registered = backend._built.storage.mem_pool_host
+    assert registered is bounce.pool and registered is not pool
+    engine = pool.kv_buffer.view(torch.uint8).reshape(-1).numpy()
+    own = bounce.pool.kv_buffer.view(torch.uint8).reshape(-1).numpy()
+    assert not np.shares_memory(engine, own)
+    # Sized for every worker's full batch and a canary per health check; counted and reported.
+    assert bounce.pages == 4 * 128 + 4
+    described = next(b for b in s.ha_status()["backends"] if b["name"] == "primary")
+    assert described["bounce_bytes"] == bounce.nbytes == bounce.pages * bounce.page_bytes
+    # Everything is given back after the calls.
+    written = pool.alloc(2 * pool.page_size)
+    fill(pool, written, seed=1)
+    s.batch_set_v1(["a", "b"], written)
+    s.batch_get_v1(["a", "b"], pool.alloc(2 * pool.page_size))
+    assert bounce.free == bounce.pages
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_clear_removes_this_models_pages_only_or_nothing(kind, request, tmp_path):
+    """SGLang's own clear() removes every model's pages (Mooncake: remove_all; NIXL: every file); through
+    hicache-ha it removes this deployment's and model's, where the backend allows it, else nothing."""
+    pools = [engine_pool(kind), engine_pool(kind)]
+    spec = member(kind, request, tmp_path)
+    mine = build(ha(spec), pool=pools[0], model="org/mine")
+    # (3FS keeps one namespace per rank on its metadata server: another deployment is another rank there.)
+    other = build(ha(spec), pool=pools[1], model="org/other", tp_rank=1 if kind == "hf3fs" else 0)
+    for s, pool in zip((mine, other), pools):
+        wait_healthy(s)
+        written = pool.alloc(2 * pool.page_size)
+        fill(pool, written, seed=7)
+        assert s.batch_set_v1(["x", "y"], written) == [True, True]
+    if kind == "mooncake":
+        import time
+
+        time.sleep(0.3)  # objects just written or read are leased (100 ms on this master) and kept
+    cleared = mine.clear()
+    assert cleared is (kind in SCOPED_CLEAR)
+    assert mine.batch_exists(["x", "y"]) == (0 if cleared else 2)
+    assert other.batch_exists(["x", "y"]) == 2  # another model's pages are never touched
+
+
+def test_a_member_built_late_starts_out_of_traffic_and_joins_when_sglang_registers_its_pool(request, tmp_path):
+    s = build(ha(member("mooncake", request, tmp_path)))  # no pool yet: SGLang registers it after construction
+    status = s.ha_status()
+    primary = next(b for b in status["backends"] if b["name"] == "primary")
+    assert primary["state"] == "circuit_broken" and "waiting for SGLang's host pool" in primary["reason"]
+    assert status["active"] == "primary"  # start-up is not a failure: no failover while it waits for its pool
+    pool = engine_pool("mooncake")
+    s.register_mem_pool_host(pool)
+    wait_healthy(s)
+    written = pool.alloc(pool.page_size)
+    fill(pool, written, seed=2)
+    assert s.batch_set_v1(["late"], written) == [True]
