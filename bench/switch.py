@@ -22,6 +22,7 @@ from hicache_ha import BackendManager, Layout  # noqa: E402
 from hicache_ha.config import parse  # noqa: E402
 from hicache_ha.control.agent import Agent  # noqa: E402
 from hicache_ha.control.controller import Controller  # noqa: E402
+from hicache_ha.control.keys import channel_keys  # noqa: E402
 from hicache_ha.control.state import FileStateStore  # noqa: E402
 from hicache_ha.sim.servers import free_port  # noqa: E402
 
@@ -39,11 +40,12 @@ def run(n: int, switches: int) -> dict:
         "admin": {"mode": "remote", "agent_port": port, "heartbeat_ms": 1000, "rank_timeout_ms": 10000,
                   "command_timeout_ms": 30000},
     }, environ={})
+    keys = channel_keys("bench-admin-secret", "bench")  # the channel is authenticated (CURVE) as in production
     with tempfile.TemporaryDirectory() as tmp:
         controller = Controller(cfg, store=FileStateStore(Path(tmp) / "s.json"), expected_ranks=n,
-                                bind=f"tcp://127.0.0.1:{port}")
+                                bind=f"tcp://127.0.0.1:{port}", keys=keys)
         managers = [BackendManager(cfg, Layout(model="bench", tp_rank=r, tp_size=n)) for r in range(n)]
-        agents = [Agent(m, f"tcp://127.0.0.1:{port}", heartbeat_s=1.0, controller_timeout_s=10.0) for m in managers]
+        agents = [Agent(m, f"tcp://127.0.0.1:{port}", keys=keys, heartbeat_s=1.0, controller_timeout_s=10.0) for m in managers]
         deadline = time.monotonic() + 120
         while len(controller.alive()) < n:
             if time.monotonic() > deadline:

@@ -25,7 +25,8 @@ def _with_secrets(text: str, tmp_path: Path) -> str:
 
 def test_every_example_is_found():
     names = {p.relative_to(ROOT).as_posix() for p in EXAMPLES}
-    assert {"redis-sentinel.yaml", "file-mount.yaml", "mooncake.yaml", "3fs.yaml", "two-node/ha.yaml"} <= names
+    assert {"redis-sentinel.yaml", "file-mount.yaml", "mooncake.yaml", "3fs.yaml", "nixl.yaml",
+            "seaweedfs.yaml", "aibrix.yaml", "two-node/ha.yaml"} <= names
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.relative_to(ROOT).as_posix())

@@ -75,8 +75,8 @@ def member(kind: str, request, tmp_path, name: str = "primary", **fields) -> dic
     return {"name": name, "type": "sglang", "backend": kind, "extra_config": extra, **fields}
 
 
-def engine_pool(kind: str, tokens: int = 256):
-    pool = mha_pool("page_first", torch.bfloat16, tokens=tokens)
+def engine_pool(kind: str, tokens: int = 256, **geometry):
+    pool = mha_pool("page_first", torch.bfloat16, tokens=tokens, **geometry)
     if kind == "aibrix":  # a server passes the exclusive end layer; the CPU pool builder the last one
         pool.end_layer = pool.start_layer + pool.layer_num
     return pool

@@ -6,8 +6,26 @@ import numpy as np
 import pytest
 import torch
 
+from tests.sglang.test_conformance import (  # noqa: F401 - collected here, against the fixture below
+    test_a_miss_is_none_and_false, test_batches_round_trip_and_exists_counts_the_prefix, test_exists_after_set,
+    test_set_get_round_trip_into_a_target)
 from tests.wrapped.conftest import (KINDS, SCOPED_CLEAR, VERIFIED, build, engine_pool, fill, ha, member,
                                     pages_at, wait_healthy)
+
+
+SLOW_STORE_DEADLINES = {"exists": 500, "get": 2000, "set": 2000}
+
+
+@pytest.fixture(params=KINDS)
+def storage(request, tmp_path):
+    """SGLang's conformance round trips (legacy calls with 8 KiB bf16 pages) through HAStorage on each of
+    SGLang's backends as the only member: a pool of 8 KiB pages is registered, as SGLang does."""
+    # An S3 server answers one HEAD per key (moto in this process's neighbourhood: milliseconds each).
+    s = build({"backends": [member(request.param, request, tmp_path)], "deadlines_ms": SLOW_STORE_DEADLINES},
+              pool=engine_pool(request.param, heads=4, head_dim=64))
+    wait_healthy(s)
+    yield s
+    s.close()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence, Union
 
 from ..backends.errors import Refused
 from ..config import Deadlines
+from ..health.breaker import CIRCUIT_BROKEN
 from ..health.outcomes import Outcome
 from .member import Member, Sink
 
@@ -91,6 +92,9 @@ class DataPath:
         member = self.route.member
         if member is None:
             self._count("unrouted_writes", n)
+            return [False] * n
+        if member.state == CIRCUIT_BROKEN:  # it would be refused: spare the staging copy (or checksum)
+            member.refuse("set", n)
             return [False] * n
         try:
             items = member.prepare_values(skeys, values)

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-from ..errors import BackendError, BackendUnavailable
+from ..errors import BackendError, BackendRejected, BackendUnavailable
 
 log = logging.getLogger("hicache_ha.backends")
 
@@ -133,6 +134,11 @@ def _preflight_mooncake(storage_config: Any, timeout_s: float) -> None:
     cfg = mooncake_config(storage_config)
     if cfg.standalone_storage:
         return  # talks to a local client process, not to the master
+    host, _, port = str(cfg.master_server_address).rpartition(":")
+    try:  # a master that is not there fails at once; one that accepts but never answers needs the child
+        socket.create_connection((host, int(port)), timeout=min(1.0, timeout_s)).close()
+    except (OSError, ValueError) as exc:
+        raise BackendUnavailable(f"mooncake: the master at {cfg.master_server_address} is unreachable ({exc})") from None
     args = json.dumps({"local_hostname": cfg.local_hostname, "metadata_server": cfg.metadata_server,
                        "protocol": cfg.protocol, "device_name": cfg.device_name if not
                        str(cfg.device_name).strip().startswith("{") else "",
@@ -166,6 +172,40 @@ class MooncakeSums(SumStore):
 
     def get(self, keys: list[str]) -> list[Optional[bytes]]:
         return [r if r else None for r in self.store.get_batch(self._keys(keys))]
+
+
+# Mooncake's per-key result codes (measured with mooncake-transfer-engine-non-cuda 0.3.13.post1): exists
+# 1 / 0, a get's byte count, a put's 0; OBJECT_NOT_FOUND -704 is a plain miss (OBJECT_ALREADY_EXISTS
+# -705 a put another writer made first); -900 (RPC_FAIL: the master
+# is gone) and -901 (its RPC timed out: the master is frozen) mean the cluster cannot answer;
+# NO_AVAILABLE_HANDLE -200 means no segment has room. SGLang folds them all into False, so a dead master
+# would look like a store that holds nothing, and a health ping would pass.
+MOONCAKE_NOT_FOUND, MOONCAKE_EXISTS, MOONCAKE_FULL = -704, -705, -200
+
+
+def _mooncake_checked(what: str, call: Callable[..., list]) -> Callable[..., list]:
+    def checked(*args: Any) -> list:
+        codes = call(*args)
+        bad = [c for c in codes if c < 0 and c not in (MOONCAKE_NOT_FOUND, MOONCAKE_EXISTS)]
+        if bad:
+            rpc = [c for c in bad if -999 <= c <= -900]
+            if rpc:
+                raise BackendUnavailable(f"mooncake {what}: the master did not answer (code {rpc[0]}, "
+                                         f"{len(bad)} of {len(codes)} keys)")
+            if MOONCAKE_FULL in bad:
+                raise BackendRejected(f"mooncake {what}: no segment has room (code {MOONCAKE_FULL})")
+            raise BackendError(f"mooncake {what}: failed with code {bad[0]} ({len(bad)} of {len(codes)} keys)")
+        return codes
+
+    return checked
+
+
+def _tune_mooncake(storage: Any) -> None:
+    """Keep SGLang's MooncakeStore, but let the store's own result codes through to the outcome: the three
+    calls its batch methods make are wrapped so that a code saying "the cluster cannot answer" raises."""
+    storage._batch_exist = _mooncake_checked("exists", storage._batch_exist)
+    storage._get_batch_zero_copy_impl = _mooncake_checked("get", storage._get_batch_zero_copy_impl)
+    storage._put_batch_zero_copy_impl = _mooncake_checked("put", storage._put_batch_zero_copy_impl)
 
 
 def _clear_mooncake(storage: Any, prefix: str) -> None:
@@ -339,7 +379,7 @@ def kept_signals(module_names: tuple) -> Iterator[None]:
 # -- the table ----------------------------------------------------------------------------------------
 PROFILES = {
     "mooncake": Profile("mooncake", known_keys=MOONCAKE_KEYS, check=_check_mooncake, preflight=_preflight_mooncake,
-                        sums=MooncakeSums, clear=_clear_mooncake),
+                        sums=MooncakeSums, clear=_clear_mooncake, tune=_tune_mooncake),
     "hf3fs": Profile("hf3fs", known_keys=frozenset({"use_mock_hf3fs_client"}), repair=_repair_hf3fs,
                      signal_modules=("sglang.srt.mem_cache.storage.hf3fs.storage_hf3fs",),
                      unverified_because="every 3FS key takes one page-sized slot: a checksum record would cost a "
