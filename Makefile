@@ -63,10 +63,11 @@ demo: $(BASE) redis-server
 test: $(SGLANG) test-tools
 	$(PY) -m pytest -q
 
-bench: $(SGLANG) redis-server
+bench: $(SGLANG) test-tools
 	$(PY) bench/overhead.py
 	$(PY) bench/failover.py
 	$(PY) bench/switch.py
+	$(PY) bench/wrapped.py --stress
 
 # The chaos suite's long profile (make test runs the short one): every fault, 3 trials, CPUs loaded.
 chaos: $(SGLANG) test-tools

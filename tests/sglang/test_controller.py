@@ -9,11 +9,9 @@ import pytest
 
 from hicache_ha.sim.lag import SLACK_S
 from hicache_ha.sim.servers import RedisServer
-from hicache_ha.sim.sglang_engine import SGLangEngine, ha_spec
+from hicache_ha.sim.sglang_engine import OP_DEADLINE, SGLangEngine, ha_spec
 
 DEADLINES = {"exists": 50, "get": 300, "set": 500}
-OP_DEADLINE = {"batch_exists": "exists", "batch_exists_v2": "exists", "batch_get": "get", "batch_get_v1": "get",
-               "batch_get_v2": "get", "batch_set": "set", "batch_set_v1": "set", "batch_set_v2": "set"}
 FREEZE_S, AFTER_S = 6.0, 6.0
 
 

@@ -72,6 +72,9 @@ def member(kind: str, request, tmp_path, name: str = "primary", **fields) -> dic
         extra = {}
     else:
         extra = {"file_storage_path": str(tmp_path / "sglang-file")}
+    # Start-up waits for the build (boto3's first client alone takes seconds on a loaded machine); what
+    # happens past ``start_wait_ms`` is tested by itself.
+    fields.setdefault("start_wait_ms", 30_000)
     return {"name": name, "type": "sglang", "backend": kind, "extra_config": extra, **fields}
 
 

@@ -119,3 +119,25 @@ def test_a_member_built_late_starts_out_of_traffic_and_joins_when_sglang_registe
     written = pool.alloc(pool.page_size)
     fill(pool, written, seed=2)
     assert s.batch_set_v1(["late"], written) == [True]
+
+
+def test_a_member_slower_to_build_than_start_wait_is_stood_in_for_then_takes_over(request, tmp_path):
+    """SGLang's Mooncake client takes about a second to build; start-up waits 50 ms for it, then the
+    standby serves, and the primary takes over (whatever the failback mode) once it is built and proven."""
+    pool = engine_pool("mooncake")
+    s = build(ha(member("mooncake", request, tmp_path, start_wait_ms=50)), pool=pool)
+    primary = next(b for b in s.ha_status()["backends"] if b["name"] == "primary")
+    assert not primary["built"] and "still being built after 50 ms" in primary["reason"]
+    wait_healthy(s, "standby", active=True)
+    written = pool.alloc(pool.page_size)
+    fill(pool, written, seed=4)
+    assert s.batch_set_v1(["early"], written) == [True]  # the standby keeps it
+    wait_healthy(s)  # built, proven, and the rank's primary again
+    moves = [(e["from"], e["to"], e["reason"]) for e in s.ha_status()["events"] if e["backend"] == "standby"
+             or e["reason"] == "failback"]
+    assert moves == [("primary", "standby", "failover"), ("standby", "primary", "failback")]
+    later = pool.alloc(pool.page_size)
+    want = fill(pool, later, seed=5)
+    assert s.batch_set_v1(["late"], later) == [True]
+    target = pool.alloc(pool.page_size)
+    assert s.batch_get_v1(["late"], target) == [True] and pages_at(pool, target) == want

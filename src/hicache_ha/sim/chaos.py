@@ -380,7 +380,9 @@ def run_scenario(cls: type[Scenario], profile: Profile = SHORT, *, stress: bool 
             time.sleep(profile.fault_s)
             scenario.heal()
             log(f"{scenario.name}: healed")
-            time.sleep(profile.after_s)
+            # Watch at least as long as the scenario is given to be served again (a Sentinel election can
+            # outlast the short profile's fault).
+            time.sleep(max(profile.after_s, scenario.served_within_s + 0.5 - profile.fault_s))
             stats = sim.finish()
         events = [e for m in managers for e in m.events.recent(1000) if e.time >= t_fault]
         return _row(scenario, events, t_fault, stats, managers, lag, load.proc is not None)

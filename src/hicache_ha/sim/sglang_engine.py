@@ -33,6 +33,8 @@ PAGES_PER_REQUEST = 6
 DYNAMIC_HA = {"backend_name": "hicache_ha", "module_path": "hicache_ha.sglang", "class_name": "HAStorage"}
 TIMED = ("batch_exists", "batch_get", "batch_set", "batch_get_v1", "batch_set_v1", "batch_exists_v2",
          "batch_get_v2", "batch_set_v2")
+OP_DEADLINE = {"batch_exists": "exists", "batch_exists_v2": "exists", "batch_get": "get", "batch_get_v1": "get",
+               "batch_get_v2": "get", "batch_set": "set", "batch_set_v1": "set", "batch_set_v2": "set"}  # which deadline
 
 
 @dataclass
@@ -170,7 +172,14 @@ def _run_spec(rank: int, spec: EngineSpec, gate, live, dist) -> RankResult:
     _time_calls(storage, result.calls)
     status = getattr(storage, "ha_status", None)
     if status is not None and live is not None:
-        storage.manager.events.subscribe(lambda e: live.put(("event", rank, spec.name, e.to_dict())))
+        # From now on, and what happened while SGLang built the controller (analyses go by event time; an
+        # event emitted just as this subscribes may arrive twice).
+        def put(e):
+            live.put(("event", rank, spec.name, e.to_dict()))
+
+        storage.manager.events.subscribe(put)
+        for e in storage.manager.events.recent():
+            put(e)
     lag = LagProbe().start()
     i = 0
     try:
