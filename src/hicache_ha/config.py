@@ -165,6 +165,9 @@ class ObserveConfig(_Strict):
                                description="events waiting for delivery, per receiver; beyond, dropped and counted")
     metrics_port: Optional[int] = Field(default=None, ge=0, le=65535,
                                         description="serve this process's /metrics here (deployments without a controller)")
+    metrics_host: str = Field(default="127.0.0.1", min_length=1,
+                              description="address /metrics, /healthz and /readyz of metrics_port listen on "
+                                          "(0.0.0.0 for a scraper or kubelet on another host; no key is asked)")
 
 
 READ_FILES = ("api_key_file", "tls_cert_file", "tls_key_file", "password_file", "secret_file", "auth_header_file")

@@ -95,6 +95,30 @@ def test_without_force_a_hung_member_that_cannot_drain_refuses_with_409(cluster_
         gate.open_gate()
 
 
+def test_an_attach_whose_commit_fails_leaves_its_member_on_no_rank(cluster_factory):
+    doc = {"backends": [{"name": "primary", "type": GATE}, {"name": "standby", "type": "memory"}],
+           "deadlines_ms": {"get": 3000}, "health": {"consecutive_failures": None, "failure_rate": None,
+                                                      "slow_calls": None, "ping": {"interval_ms": 60000}}}
+    c = cluster_factory(doc)
+    gate = c.managers[1].members["primary"].backend
+    gate.close_gate()
+    try:
+        import threading
+
+        threading.Thread(target=c.managers[1].get, args=(["k"],), daemon=True).start()
+        assert gate.entered.wait(2)
+        r = c.client.put("/hicache/storage-backend", json={"spec": {"name": "fresh", "type": "memory"},
+                                                           "drain_timeout_s": 0.2}, headers=AUTH)
+        assert r.status_code == 409, r.text  # rank 1 could not drain; the others committed, then rolled back
+        assert c.epochs() == {(1, "primary")}
+        # Rank 1 forgot it with its failed commit; the others, which had it, are told to by convergence.
+        wait_for(lambda: all("fresh" not in m.members for m in c.managers), timeout=10,
+                 what="the attached member gone from every rank")
+        assert "fresh" not in c.controller.known_backends()
+    finally:
+        gate.open_gate()
+
+
 def test_attach_a_new_member_from_a_spec_then_remove_it(cluster_factory, tmp_path):
     c = cluster_factory({"backends": MEM, "admin": {"attach_roots": [str(tmp_path / "attached")]}})
     spec = {"name": "disk", "type": "file", "path": str(tmp_path / "attached" / "disk")}

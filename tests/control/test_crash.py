@@ -113,6 +113,17 @@ def test_controller_killed_mid_commit(deployment):
     assert recover(d) == (base + 2, "primary")
 
 
+def test_controller_killed_mid_commit_of_an_attach(deployment):
+    d = deployment
+    hang(d, 1)
+    base = d.client.status()["epoch"]
+    in_background(lambda: d.client.switch(spec=ATTACHED, drain_timeout_s=20))
+    wait_for(lambda: all(x.get("active") == "fresh" for x in d.reports()), timeout=15,
+             what="every rank committed or committing the attached member")
+    d.kill_controller()
+    assert recover(d) == (base + 2, "primary")  # and no rank keeps the member the dead switch attached
+
+
 def test_controller_killed_mid_rollback(deployment):
     d = deployment
     base = d.client.status()["epoch"]

@@ -45,6 +45,10 @@ def test_two_controllers_on_one_store_one_leads_and_the_other_takes_over_when_it
                              headers=AUTH, timeout=10)
         assert follower.status_code == 503 and "standby" in follower.json()["error"]  # only the leader switches
         assert httpx.get(f"{b.url}/readyz", timeout=5).status_code == 503
+        # The leader is ready although its one expected rank never connected: ranks reach it through
+        # what routes on readiness (a Kubernetes Service), and it says which are missing.
+        ready = httpx.get(f"{a.url}/readyz", timeout=5)
+        assert ready.status_code == 200 and ready.json()["missing_ranks"] == [0]
         fence = a.controller.fence
         a.close()
         wait_for(lambda: b.controller.is_leader, timeout=5, what="the standby to take over")

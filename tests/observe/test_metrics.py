@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -171,3 +172,25 @@ def test_without_a_controller_each_process_serves_metrics_and_readiness():
         raise AssertionError("still serving after close")
     except httpx.TransportError:
         pass
+
+
+def test_the_process_endpoints_listen_where_metrics_host_says():
+    """127.0.0.1 by default; an operator exposes them (0.0.0.0, or here another loopback address)."""
+    import httpx
+
+    from hicache_ha.config import parse
+    from hicache_ha.control.service import attach_control_plane
+    from hicache_ha.sim.servers import free_port
+
+    port = free_port()
+    cfg = parse({"backends": [{"name": "primary", "type": "memory"}], "admin": {"mode": "off"},
+                 "observe": {"metrics_port": port, "metrics_host": "127.0.0.2"}}, environ={})
+    m = BackendManager(cfg, Layout(model="m"))
+    plane = attach_control_plane(m, cfg)
+    try:
+        assert httpx.get(f"http://127.0.0.2:{port}/healthz", timeout=5).json()["ok"] is True
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+    finally:
+        plane.close()
+        m.close()

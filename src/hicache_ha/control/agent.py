@@ -150,7 +150,7 @@ class Agent:
                 epoch = m.commit(prepared, force=args.get("force", False),
                                  drain_timeout_s=args.get("drain_timeout_s", 5.0), epoch=args.get("epoch"),
                                  reason=args.get("reason", "switch"))
-            except SwitchError:
+            except Exception:  # a member built only for this switch is closed
                 m.abort(prepared)
                 raise
             self.max_epoch = max(self.max_epoch, epoch)
@@ -171,7 +171,7 @@ class Agent:
             self.max_epoch = max(self.max_epoch, epoch)
             return {"epoch": epoch}
         if op == "remove":
-            m.remove_member(args["backend"])
+            m.remove_member(args["backend"], args.get("reason", "removed by admin"))
             return None
         raise ValueError(f"unknown command {op!r}")
 

@@ -86,9 +86,11 @@ def create_app(controller: Controller, api_key: Optional[str], webhooks=None) ->
 
     @app.get("/readyz", tags=["health"])
     def readyz():
-        """Ready to switch: this controller leads and every expected rank heartbeats (else 503, saying why)."""
+        """Ready for traffic: this controller leads (else 503). Ranks reach the leader through whatever
+        routes on readiness (a Kubernetes Service), so missing ranks are reported here but never make
+        the leader unready: that would keep them from ever connecting."""
         missing = controller.missing()
-        ready = controller.is_leader and not missing
+        ready = controller.is_leader
         body = {"ready": ready, "leader": controller.is_leader, "missing_ranks": missing,
                 "expected_ranks": controller.expected_ranks}
         return JSONResponse(body, status_code=200 if ready else 503)

@@ -379,7 +379,8 @@ class Controller:
         for r in self.alive():
             info = self.ranks[r]
             st = info.status
-            if (st.get("epoch"), st.get("active")) == want or now < info.converge_after:
+            stray = [n for n in st.get("attached", []) if n not in self.desired.specs and n != self.desired.active]
+            if ((st.get("epoch"), st.get("active")) == want and not stray) or now < info.converge_after:
                 continue
             info.converge_after = now + 2.0
             states = {b.get("name"): b.get("state") for b in st.get("backends", []) if isinstance(b, dict)}
@@ -391,9 +392,20 @@ class Controller:
             if not self._switch.acquire(blocking=False):
                 return
             try:
-                self._converge_rank(r, st)
+                if (st.get("epoch"), st.get("active")) != want:
+                    self._converge_rank(r, st)
+                self._forget(r, stray)
             finally:
                 self._switch.release()
+
+    def _forget(self, rank: int, names: list[str]) -> None:
+        """Members a rank holds that the desired state does not: attached by a switch that was rolled
+        back or whose controller died before it was recorded."""
+        for name in names:
+            if name not in self.desired.specs and name != self.desired.active:
+                if not failures(self.call([rank], "remove", {"backend": name, "reason": "not in the desired state"},
+                                          self.command_timeout_s)):
+                    self.event(rank, name, "attached", "removed", "not in the desired state (a switch that did not land)")
 
     def _converge_rank(self, rank: int, status: dict) -> None:
         epoch, active = self.desired.epoch, self.desired.active

@@ -153,7 +153,7 @@ def attach_control_plane(manager: BackendManager, config: HAConfig) -> ControlPl
         try:
             plane.metrics_server, _ = serve_process_metrics(
                 observe.metrics_port, lambda: [(manager.layout.rank, manager.layout.describe(), manager.status())],
-                config.admin.deployment, "127.0.0.1", *extra)
+                config.admin.deployment, observe.metrics_host, *extra)
         except OSError as exc:
             log.error("hicache-ha: cannot serve /metrics on port %d: %s", observe.metrics_port, exc)
     return plane

@@ -130,6 +130,13 @@ class Bulkhead:
         self._queue.put(call)
         return call
 
+    def oldest_running_before(self, t: float) -> Optional[float]:
+        """When the oldest call its caller still waits for (within its deadline) that was running before
+        ``t`` started (None: there is none)."""
+        with self.lock:
+            return min((c.started for c in self._calls if c.started is not None and c.started < t
+                        and not c.finished and not c.fenced), default=None)
+
     def held_by_backend_locked(self) -> bool:
         """Is every worker held by a call its caller already gave up on? Then a call refused or left in
         the queue was kept from the backend by the backend itself (it holds our workers past their

@@ -106,6 +106,7 @@ class Member:
         self.slow_fraction = health.slow_calls.fraction_of_deadline if health.slow_calls else 1.0
         self.results: deque[Result] = deque(maxlen=100_000)  # appended by engine threads, drained below
         self.last_ok = float("-inf")  # when an engine call last succeeded (clock time)
+        self.ok_service: deque[tuple[float, float]] = deque(maxlen=32)  # (when, seconds on the backend)
         self.last_probe_ok: Optional[float] = None  # when a ping or probe last succeeded
         self.listeners: list[TransitionListener] = []
         # Called (from an engine thread) when a result may change the breaker: a failure, or any result
@@ -178,11 +179,25 @@ class Member:
         if on_cancel is not None and call.started is None:  # fenced while queued: the job never runs
             on_cancel()
         service = (call.ended - call.started) if call.finished else now - start
+        if outcome is Outcome.OK:
+            self.ok_service.append((now, service))
         self.results.append(Result(op, len(args[0]), outcome, now, now - start, generation, service > self.slow_fraction * deadline_s,
                                    abandoned, corrupt, call.error))
         if outcome is not Outcome.OK or self.breaker.state != HEALTHY:
             self.on_news()
         return outcome, result
+
+    def busy_before(self, t: float, now: float, memory_s: float) -> bool:
+        """Is an engine call that was running before ``t`` still running, and for no longer than twice
+        what this member's successful calls took over the last ``memory_s``? A ping sent at ``t`` may be
+        queued behind it (a single-threaded server serves one command at a time, a 128 MiB MGET for
+        100+ ms): while that call runs no longer than such calls take, the ping's silence says nothing.
+        Small calls make the allowance small, so a frozen server is still found as fast."""
+        started = self.bulkhead.oldest_running_before(t)
+        if started is None:
+            return False
+        slowest = max((s for at, s in self.ok_service if at >= now - memory_s), default=0.0)
+        return now - started < 2 * slowest
 
     def held_by_backend(self) -> bool:
         """Is every worker held by a call its caller gave up on (the backend hangs)?"""

@@ -33,6 +33,7 @@ MAX_PINGS_OUT = 3
 # How long a ping's round trip is remembered for stretching later ping timeouts: a slow spell (a start-up,
 # a burst of big transfers) must not keep timeouts long, and so detection slow, once it is over.
 RTT_MEMORY_S = 10.0
+BUSY_RECHECK_S = 0.01  # a ping waiting behind a running engine call is looked at again this often
 
 
 class SupervisedRank(Protocol):
@@ -182,6 +183,12 @@ class Supervisor:
         for key, check in list(self.pending.items()):
             call = check.call
             if call is not None and not call.finished and now - check.started < check.timeout:
+                continue
+            if (check.kind == "ping" and call is not None and not call.finished
+                    and check.member.busy_before(check.started, now, RTT_MEMORY_S)):
+                # Likely queued behind a big engine call: judged once that call answers (busy, not
+                # broken: see _handle) or runs longer than such calls take here (then the silence counts).
+                check.timeout = now - check.started + BUSY_RECHECK_S
                 continue
             del self.pending[key]
             # A check that found no free check worker, or never left the queue, did not reach the backend:

@@ -110,7 +110,15 @@ class Switcher:
             before = self.path.route
         if reason.startswith("failover") and before.member is not prepared.member:
             self._count_failover("group")
-        return self._move(prepared.member, reason, force, drain_timeout_s, epoch)
+        try:
+            return self._move(prepared.member, reason, force, drain_timeout_s, epoch)
+        except BaseException:
+            if prepared.is_new:  # built for this switch only: it leaves with it
+                with self._lock:
+                    if (self.members.get(prepared.member.name) is prepared.member
+                            and self.path.route.member is not prepared.member):
+                        del self.members[prepared.member.name]
+            raise
 
     def abort(self, prepared: Prepared) -> None:
         """Forget a prepared switch; a member built only for it is closed."""
@@ -131,7 +139,7 @@ class Switcher:
             self.path.route = Route(epoch, member)
         self._mark(old, member, epoch, "rollback")
 
-    def remove(self, name: str, configured: set[str]) -> None:
+    def remove(self, name: str, configured: set[str], reason: str = "removed by admin") -> None:
         """Forget a member attached at run time (never a configured one, never the active one)."""
         with self._lock:
             member = self.member(name)
@@ -141,7 +149,7 @@ class Switcher:
                 raise DrainTimeout(f"{name!r} is active: switch to another member first")
             del self.members[name]
         member.close()
-        self.events.emit(name, member.state, "removed", "removed by admin")
+        self.events.emit(name, member.state, "removed", reason)
 
     # -- a rank's own failover ----------------------------------------------------------------------
     def local_failover(self, target: Member, reason: str) -> None:
