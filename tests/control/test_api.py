@@ -1,6 +1,8 @@
 """The admin API and the two-phase switch, in process: a controller and four ranks' data planes."""
 
+import contextlib
 import logging
+import threading
 import time
 
 import pytest
@@ -71,7 +73,9 @@ def test_a_rank_that_dies_between_prepare_and_commit_gets_the_others_rolled_back
     wait_for(lambda: c.epochs() == {(1, "primary")}, what="the returning rank to converge")
 
 
-def test_without_force_a_hung_member_that_cannot_drain_refuses_with_409(cluster_factory):
+@contextlib.contextmanager
+def stuck_on_rank_1(cluster_factory):
+    """A cluster whose rank 1 has a call hung on its gated primary: a drain of it cannot finish."""
     doc = {"backends": [{"name": "primary", "type": GATE}, {"name": "standby", "type": "memory"}],
            "deadlines_ms": {"get": 3000}, "health": {"consecutive_failures": None, "failure_rate": None,
                                                       "slow_calls": None, "ping": {"interval_ms": 60000}}}
@@ -79,10 +83,15 @@ def test_without_force_a_hung_member_that_cannot_drain_refuses_with_409(cluster_
     gate = c.managers[1].members["primary"].backend
     gate.close_gate()
     try:
-        import threading
-
         threading.Thread(target=c.managers[1].get, args=(["k"],), daemon=True).start()
         assert gate.entered.wait(2)
+        yield c
+    finally:
+        gate.open_gate()
+
+
+def test_without_force_a_hung_member_that_cannot_drain_refuses_with_409(cluster_factory):
+    with stuck_on_rank_1(cluster_factory) as c:
         r = c.client.put("/hicache/storage-backend", json={"backend": "standby", "drain_timeout_s": 0.2},
                          headers=AUTH)
         assert r.status_code == 409, r.text
@@ -91,22 +100,10 @@ def test_without_force_a_hung_member_that_cannot_drain_refuses_with_409(cluster_
         r = c.client.put("/hicache/storage-backend", json={"backend": "standby", "force": True}, headers=AUTH)
         assert r.status_code == 200 and time.monotonic() - t0 < 1.0
         assert c.epochs() == {(2, "standby")}
-    finally:
-        gate.open_gate()
 
 
 def test_an_attach_whose_commit_fails_leaves_its_member_on_no_rank(cluster_factory):
-    doc = {"backends": [{"name": "primary", "type": GATE}, {"name": "standby", "type": "memory"}],
-           "deadlines_ms": {"get": 3000}, "health": {"consecutive_failures": None, "failure_rate": None,
-                                                      "slow_calls": None, "ping": {"interval_ms": 60000}}}
-    c = cluster_factory(doc)
-    gate = c.managers[1].members["primary"].backend
-    gate.close_gate()
-    try:
-        import threading
-
-        threading.Thread(target=c.managers[1].get, args=(["k"],), daemon=True).start()
-        assert gate.entered.wait(2)
+    with stuck_on_rank_1(cluster_factory) as c:
         r = c.client.put("/hicache/storage-backend", json={"spec": {"name": "fresh", "type": "memory"},
                                                            "drain_timeout_s": 0.2}, headers=AUTH)
         assert r.status_code == 409, r.text  # rank 1 could not drain; the others committed, then rolled back
@@ -115,8 +112,6 @@ def test_an_attach_whose_commit_fails_leaves_its_member_on_no_rank(cluster_facto
         wait_for(lambda: all("fresh" not in m.members for m in c.managers), timeout=10,
                  what="the attached member gone from every rank")
         assert "fresh" not in c.controller.known_backends()
-    finally:
-        gate.open_gate()
 
 
 def test_attach_a_new_member_from_a_spec_then_remove_it(cluster_factory, tmp_path):

@@ -106,7 +106,7 @@ class Member:
         self.slow_fraction = health.slow_calls.fraction_of_deadline if health.slow_calls else 1.0
         self.results: deque[Result] = deque(maxlen=100_000)  # appended by engine threads, drained below
         self.last_ok = float("-inf")  # when an engine call last succeeded (clock time)
-        self.ok_service: deque[tuple[float, float]] = deque(maxlen=32)  # (when, seconds on the backend)
+        self.ok_service: deque[tuple[float, float]] = deque(maxlen=32)  # (when, seconds): successful calls, drained
         self.last_probe_ok: Optional[float] = None  # when a ping or probe last succeeded
         self.listeners: list[TransitionListener] = []
         # Called (from an engine thread) when a result may change the breaker: a failure, or any result
@@ -179,8 +179,6 @@ class Member:
         if on_cancel is not None and call.started is None:  # fenced while queued: the job never runs
             on_cancel()
         service = (call.ended - call.started) if call.finished else now - start
-        if outcome is Outcome.OK:
-            self.ok_service.append((now, service))
         self.results.append(Result(op, len(args[0]), outcome, now, now - start, generation, service > self.slow_fraction * deadline_s,
                                    abandoned, corrupt, call.error))
         if outcome is not Outcome.OK or self.breaker.state != HEALTHY:
@@ -281,7 +279,9 @@ class Member:
                 self.stats.corrupt_pages += r.corrupt_pages
                 if r.op == "set" and r.outcome is not Outcome.OK:
                     self.stats.dropped_pages += r.pages
-                if r.outcome is not Outcome.OK and r.outcome is not Outcome.SHORT_CIRCUITED:
+                if r.outcome is Outcome.OK:
+                    self.ok_service.append((r.at, r.seconds))
+                elif r.outcome is not Outcome.SHORT_CIRCUITED:
                     failed.append(r)
                 t = self.breaker.on_result(r.generation, r.at, self.verdicts[r.outcome], r.slow)
                 if t is not None:
