@@ -379,8 +379,9 @@ class Controller:
         for r in self.alive():
             info = self.ranks[r]
             st = info.status
+            moved = (st.get("epoch"), st.get("active")) != want
             stray = [n for n in st.get("attached", []) if n not in self.desired.specs and n != self.desired.active]
-            if ((st.get("epoch"), st.get("active")) == want and not stray) or now < info.converge_after:
+            if not (moved or stray) or now < info.converge_after:
                 continue
             info.converge_after = now + 2.0
             states = {b.get("name"): b.get("state") for b in st.get("backends", []) if isinstance(b, dict)}
@@ -392,7 +393,7 @@ class Controller:
             if not self._switch.acquire(blocking=False):
                 return
             try:
-                if (st.get("epoch"), st.get("active")) != want:
+                if moved:
                     self._converge_rank(r, st)
                 self._forget(r, stray)
             finally:

@@ -168,9 +168,14 @@ class BackendManager:
     def local_failover(self, target: Member, reason: str) -> None:
         self.switcher.local_failover(target, reason)
 
+    @property
+    def configured(self) -> frozenset[str]:
+        """The members of the configuration (the others were attached at run time)."""
+        return frozenset(b.name for b in self.config.backends)
+
     def remove_member(self, name: str, reason: str = "removed by admin") -> None:
         """Admin: forget a member attached at run time (closed; never a configured or the active one)."""
-        self.switcher.remove(name, {b.name for b in self.config.backends}, reason)
+        self.switcher.remove(name, self.configured, reason)
 
     def detach_member(self, name: str) -> None:
         """Admin: take one member out (state ``detached``); if it was active, the supervisor fails over."""
@@ -206,7 +211,6 @@ class BackendManager:
         members = list(self.members.values())
         backends = [{"name": m.name, "type": m.spec.type, "in_flight": m.in_flight, **m.snapshot()} for m in members]
         by_reason = dict(self.switcher.failovers_by_reason)
-        configured = {b.name for b in self.config.backends}
         return {
             "seq": seq,
             "epoch": route.epoch,
@@ -216,7 +220,7 @@ class BackendManager:
             "failovers": self.failovers,
             "failovers_by_reason": by_reason,
             "backends": backends,
-            "attached": [m.name for m in members if m.name not in configured],  # at run time
+            "attached": [m.name for m in members if m.name not in self.configured],  # at run time
         }
 
     def snapshot(self) -> dict:

@@ -31,10 +31,9 @@ from typing import Any, Optional
 PAGE = 4  # tokens per page
 PAGES_PER_REQUEST = 6
 DYNAMIC_HA = {"backend_name": "hicache_ha", "module_path": "hicache_ha.sglang", "class_name": "HAStorage"}
-TIMED = ("batch_exists", "batch_get", "batch_set", "batch_get_v1", "batch_set_v1", "batch_exists_v2",
-         "batch_get_v2", "batch_set_v2")
+# The storage calls timed on each rank, and the deadline each is held to.
 OP_DEADLINE = {"batch_exists": "exists", "batch_exists_v2": "exists", "batch_get": "get", "batch_get_v1": "get",
-               "batch_get_v2": "get", "batch_set": "set", "batch_set_v1": "set", "batch_set_v2": "set"}  # which deadline
+               "batch_get_v2": "get", "batch_set": "set", "batch_set_v1": "set", "batch_set_v2": "set"}
 
 
 @dataclass
@@ -207,7 +206,7 @@ def _run_spec(rank: int, spec: EngineSpec, gate, live, dist) -> RankResult:
 
 def _time_calls(storage, calls: list) -> None:
     """Record every call the controller makes on the backend: (method, start, seconds, error)."""
-    for name in TIMED:
+    for name in OP_DEADLINE:
         method = getattr(storage, name, None)
         if method is None:
             continue
