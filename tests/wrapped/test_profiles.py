@@ -4,7 +4,7 @@ folded, extra_config checked at load."""
 import pytest
 
 from hicache_ha.backends.errors import BackendError, BackendRejected, BackendUnavailable, ConfigError
-from hicache_ha.backends.wrapped.backend import _fold, _prefix
+from hicache_ha.backends.wrapped.v1pages import fold, prefix
 from hicache_ha.backends.wrapped.profiles import _mooncake_checked
 from hicache_ha.config import parse
 from hicache_ha.health.outcomes import Outcome, classify
@@ -29,11 +29,11 @@ def test_mooncake_codes_become_outcomes_where_sglang_would_see_only_false():
 
 
 def test_per_key_answers_fold_to_one_flag_per_page_and_stop_at_the_first_miss():
-    assert _fold([True, True, True, False], 2) == [True, False]  # 3FS answers per K and V half
-    assert _fold(True, 3) == [True] * 3  # an MLA rank that does not write
-    assert _fold([True], 2) == [False, False]  # a short answer fails every key
-    assert _fold(None, 2) == [False, False]
-    assert _prefix([True, False, True]) == [True, False, False]
+    assert fold([True, True, True, False], 2) == [True, False]  # 3FS answers per K and V half
+    assert fold(True, 3) == [True] * 3  # an MLA rank that does not write
+    assert fold([True], 2) == [False, False]  # a short answer fails every key
+    assert fold(None, 2) == [False, False]
+    assert prefix([True, False, True]) == [True, False, False]
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -93,8 +93,9 @@ class Backend(ABC):
     def exists(self, keys: Sequence[str]) -> int:
         """Return how many of the leading ``keys`` are present (stop at the first missing one)."""
 
-    def exists_each(self, keys: Sequence[str]) -> list[bool]:
-        """Whether each key is stored (hybrid models ask about every page of every pool)."""
+    def exists_each(self, keys: Sequence[str], nbytes: Any = None) -> list[bool]:
+        """Whether each key is stored (hybrid models ask about every page of every pool). ``nbytes``: each
+        page's size, one for all keys or one per key, when the host knows it (as for ``get``)."""
         return [self.exists([k]) == 1 for k in keys]
 
     @abstractmethod

@@ -61,14 +61,14 @@ class DataPath:
         outcome, found = member.call("exists", self.deadlines["exists"], member.exists_job, skeys)
         return found if outcome is Outcome.OK else 0
 
-    def exists_each(self, skeys: Sequence[str]) -> Optional[list[bool]]:
-        """Whether each key is stored; None when storage cannot answer in time."""
+    def exists_each(self, skeys: Sequence[str], nbytes: Union[int, Sequence[int], None] = None) -> Optional[list[bool]]:
+        """Whether each key is stored; None when storage cannot answer in time. ``nbytes`` as for ``read``."""
         member = self.route.member
         if member is None:
             return None
         if not skeys:
             return []
-        outcome, found = member.call("exists", self.deadlines["exists"], member.exists_each_job, skeys)
+        outcome, found = member.call("exists", self.deadlines["exists"], member.exists_each_job, skeys, nbytes)
         return found if outcome is Outcome.OK else None
 
     def read(self, skeys: Sequence[str], nbytes: Union[int, Sequence[int], None],

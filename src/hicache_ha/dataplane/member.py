@@ -206,8 +206,8 @@ class Member:
     def exists_job(self, call: Call, keys: Sequence[str]) -> int:
         return self.backend.exists(keys)
 
-    def exists_each_job(self, call: Call, keys: Sequence[str]) -> list[bool]:
-        return self.backend.exists_each(keys)
+    def exists_each_job(self, call: Call, keys: Sequence[str], nbytes: Union[int, Sequence[int], None]) -> list[bool]:
+        return self.backend.exists_each(keys, nbytes)
 
     def set_job(self, call: Call, keys: Sequence[str], items: Sequence[Any]) -> None:
         self.backend.set(keys, items)

@@ -19,73 +19,25 @@ driven the way SGLang drives it, with HA on top.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import struct
 import threading
 import time
 from contextlib import contextmanager
 from typing import Any, ClassVar, Iterator, Optional, Sequence
 
-from ..base import Backend, BackendContext, Capabilities
+from ..base import Backend, BackendContext, Capabilities, join_parts, page_nbytes
 from ..envelope import checksum
 from ..errors import BackendError, BackendUnavailable, ConfigError, CorruptPage
+from .built import RECORD, Built, Staged, construct
 from .config import SGLangConfig
-from .profiles import Profile, SumStore, kept_signals, profile_for
+from .profiles import Profile, profile_for
+from .v1pages import NotStored, prefix, read_kv, read_units, unit_count, unit_keys, write_kv, write_units
 
 log = logging.getLogger("hicache_ha.backends")
 
 _INSTALL_HINT = "type 'sglang' needs the sglang package: pip install sglang (with its storage backend's client)"
-_RECORD = struct.Struct("<QQ")  # length, xxh3-64 seeded by the key
 PROBE_KEY = "__hicache_ha_probe__"
 PING_KEY = "__hicache_ha_ping__"
-
-
-@dataclasses.dataclass
-class Built:
-    storage: Any  # SGLang's backend object
-    bounce: Any  # BouncePool for v1 backends, else None
-    sums: Optional[SumStore]
-    seconds: float
-
-
-class Staged:
-    """Pages of one set, copied out of engine memory on the engine thread: into bounce slots (v1), or into
-    buffers of their own (legacy). Their checksum records are computed from that copy."""
-
-    __slots__ = ("built", "slots", "pages", "fits", "records")
-
-    def __init__(self, built: Built, slots: Any, pages: Optional[list], fits: list[bool], records: Optional[list]):
-        self.built = built
-        self.slots = slots
-        self.pages = pages
-        self.fits = fits
-        self.records = records
-
-    def release(self) -> None:
-        if self.slots is not None:
-            self.slots.release()
-
-
-def _fold(flags: Any, n: int) -> list[bool]:
-    """One bool per key from a backend's answer (3FS answers per K and V half: 2 per key, or a bare True
-    on an MLA rank that does not write; a short answer fails every key)."""
-    if flags is True:
-        return [True] * n
-    if not isinstance(flags, (list, tuple)) or not flags or len(flags) % n:
-        return [False] * n
-    per = len(flags) // n
-    return [all(flags[i * per:(i + 1) * per]) for i in range(n)]
-
-
-def _prefix(flags: list[bool]) -> list[bool]:
-    """Only the pages before the first miss: past a miss, SGLang 0.5.23's 3FS client writes the next key's
-    bytes into the wrong page and reports stale ones as read, and SGLang loads only a prefix anyway."""
-    out, ok = [], True
-    for flag in flags:
-        ok = ok and bool(flag)
-        out.append(ok)
-    return out
 
 
 class SGLangBackend(Backend):
@@ -164,7 +116,7 @@ class SGLangBackend(Backend):
     def _build(self) -> None:
         t0 = time.monotonic()
         try:
-            built = self._construct()
+            built = construct(self.config, self.profile, self.context)
             built.seconds = time.monotonic() - t0
         except Exception as exc:  # anything SGLang's constructor raises: the member stays out of traffic
             self._failure = f"{type(exc).__name__}: {exc}"[:500]
@@ -173,43 +125,13 @@ class SGLangBackend(Backend):
             return
         with self._lock:
             if self._closed:
-                self._close_built(built)
+                built.close()
                 return
             self._built, self._failure = built, None
         log.info("hicache-ha: %r: SGLang's %s backend built in %.2f s%s", self.name, self.config.backend,
                  built.seconds, f" (bounce pool: {built.bounce.pages} pages, {built.bounce.nbytes / 2**20:.1f} MiB)"
                  if built.bounce is not None else "")
         self.on_ready()
-
-    def _construct(self) -> Built:
-        from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
-
-        cfg, profile = self.config, self.profile
-        storage_config = dataclasses.replace(self.context.storage_config, extra_config=dict(cfg.extra_config))
-        if profile.preflight is not None:
-            profile.preflight(storage_config, cfg.preflight_timeout_ms / 1000)
-        engine_pool = self.context.mem_pool_host
-        bounce = None
-        pool = None
-        if engine_pool is not None:
-            from .bounce import BouncePool, default_pages
-            from .hostpool import clone_pool
-
-            if profile.v1:
-                workers = cfg.max_concurrent or self.context.default_workers
-                bounce = BouncePool(engine_pool, default_pages(workers, cfg.batch_pages, cfg.bounce_pages),
-                                    f"{self.name}-bounce")
-                pool = bounce.pool
-            elif profile.needs_pool:  # built with a pool for its geometry only: legacy calls reach no pool
-                pool = clone_pool(engine_pool, 1)
-        with kept_signals(profile.signal_modules):
-            storage = StorageBackendFactory.create_backend(cfg.backend, storage_config, pool)
-        if pool is not None:
-            storage.register_mem_pool_host(pool)
-        if profile.tune is not None:
-            profile.tune(storage)
-        sums = profile.sums(storage) if cfg.verify and profile.sums is not None else None
-        return Built(storage, bounce, sums, 0.0)
 
     def _require(self) -> Built:
         built = self._built
@@ -245,6 +167,22 @@ class SGLangBackend(Backend):
         built = self._require()
         return int(self._call("batch_exists", built.storage.batch_exists, list(keys)) or 0)
 
+    def exists_each(self, keys: Sequence[str], nbytes=None) -> list[bool]:
+        """Per key, in one round trip where the backend allows: a page's checksum record is stored after
+        the page, so it says the whole page is there; else the backend's own per-key lookup, else one
+        ``batch_exists`` per key. A page of another pool (v1) is there when its last unit is."""
+        built = self._require()
+        keys = list(keys)
+        if built.sums is not None:
+            return self._call("checksum records", built.sums.exists, keys)
+        if built.bounce is not None:
+            sizes = nbytes if isinstance(nbytes, (list, tuple)) else [nbytes] * len(keys)
+            pb = built.bounce.page_bytes
+            keys = [k if size in (None, pb) else unit_keys(k, size, pb)[-1] for k, size in zip(keys, sizes)]
+        if self.profile.exists_each is not None:
+            return self._call("batch_exists", self.profile.exists_each, built.storage, keys)
+        return [bool(self._call("batch_exists", built.storage.batch_exists, [k])) for k in keys]
+
     def get(self, keys: Sequence[str], nbytes=None) -> list:
         with self.fetch(keys, nbytes) as pages:
             return [None if p is None or isinstance(p, CorruptPage) else bytes(b"".join(p) if isinstance(p, tuple)
@@ -257,30 +195,31 @@ class SGLangBackend(Backend):
         sizes = list(nbytes) if isinstance(nbytes, (list, tuple)) else [nbytes] * len(keys)
         if built.bounce is None:
             pages = self._legacy_get(built, keys, sizes)
-            flags = _prefix([p is not None for p in pages])
+            flags = prefix([p is not None for p in pages])
             yield self._verified(built, keys, [p if ok else None for p, ok in zip(pages, flags)])
             return
-        bounce = built.bounce
+        bounce, step = built.bounce, self.config.batch_pages
         out: list = [None] * len(keys)
-        # Pages of another size (another pool's) are not this member's: they miss.
-        wanted = [i for i, size in enumerate(sizes) if size in (None, bounce.page_bytes)]
-        held = []
+        kv = [i for i, size in enumerate(sizes) if size in (None, bounce.page_bytes)]
+        other = [i for i, size in enumerate(sizes) if size not in (None, bounce.page_bytes)]
+        get = self._v1_call("batch_get_v1", built)
+        if other:  # copied out of the slots first, so that the KV pages can stay in theirs
+            for i, page in zip(other, read_units(get, bounce, [keys[i] for i in other], [sizes[i] for i in other],
+                                                 step)):
+                out[i] = page
+        slots = bounce.acquire(len(kv)) if kv else None
         try:
-            step = self.config.batch_pages
-            for start in range(0, len(wanted), step):
-                part = wanted[start:start + step]
-                slots = bounce.acquire(len(part))
-                held.append(slots)
-                flags = _prefix(_fold(self._call("batch_get_v1", built.storage.batch_get_v1,
-                                                 [keys[i] for i in part], slots.indices), len(part)))
-                pages = slots.read()
-                for j, i in enumerate(part):
-                    if flags[j]:
-                        out[i] = pages[j]
+            if slots is not None:
+                for i, page in zip(kv, read_kv(get, slots, [keys[i] for i in kv], step)):
+                    out[i] = page
             yield self._verified(built, keys, out)
         finally:
-            for slots in held:
+            if slots is not None:
                 slots.release()
+
+    def _v1_call(self, name: str, built: Built):
+        method = getattr(built.storage, name)
+        return lambda keys, indices: self._call(name, method, keys, indices)
 
     def _legacy_get(self, built: Built, keys: list[str], sizes: list) -> list:
         import torch
@@ -324,11 +263,11 @@ class SGLangBackend(Backend):
             return pages
         records = self._call("checksum records", built.sums.get, [keys[i] for i in present])
         for i, record in zip(present, records):
-            if record is None or len(record) != _RECORD.size:
+            if record is None or len(record) != RECORD.size:
                 pages[i] = None
                 self._unverified += 1
                 continue
-            if _RECORD.unpack(record) != checksum(keys[i], pages[i]):
+            if RECORD.unpack(record) != checksum(keys[i], pages[i]):
                 pages[i] = CorruptPage(f"page {keys[i]!r}: does not match its checksum record")
         return pages
 
@@ -337,27 +276,30 @@ class SGLangBackend(Backend):
         built = self._built
         if built is None:  # the worker's set will say why it cannot store
             return super().stage(keys, values)
+        keys = list(keys)
         if built.bounce is None:
             pages = super().stage(keys, values)
-            records = [_RECORD.pack(*checksum(k, p)) for k, p in zip(keys, pages)] if built.sums else None
-            return Staged(built, None, pages, [True] * len(pages), records)
-        from ..base import page_nbytes
-
+            return Staged(built, None, keys, pages, [], built.records(keys, pages))
         bounce = built.bounce
-        fits = [page_nbytes(v) == bounce.page_bytes for v in values]
-        taken = [v for v, ok in zip(values, fits) if ok]
-        slots = bounce.acquire(len(taken))  # Refused when there is no room: our own load
+        kv = [i for i, v in enumerate(values) if page_nbytes(v) == bounce.page_bytes]
+        taken = set(kv)
+        foreign = [(keys[i], bytearray(join_parts(v))) for i, v in enumerate(values) if i not in taken]
+        # The KV pages' slots, which also pass the other pools' pages through once the KV pages are stored
+        # (a batch of them at most, whatever their size).
+        units = sum(unit_count(len(p), bounce.page_bytes) for _k, p in foreign)
+        need = max(len(kv), min(units, self.config.batch_pages))
+        slots = bounce.acquire(need)  # Refused when there is no room: our own load
         try:
-            slots.write(taken)
-            records = None
-            if built.sums is not None:
-                stored = slots.read()
-                fitting = [k for k, ok in zip(keys, fits) if ok]
-                records = [_RECORD.pack(*checksum(k, p)) for k, p in zip(fitting, stored)]
+            slots.write([values[i] for i in kv])
+            kv_keys = [keys[i] for i in kv]
+            records = built.records(kv_keys, slots.read(0, len(kv)) if kv else [])
+            if records is not None:
+                more = built.records([k for k, _p in foreign], [p for _k, p in foreign])
+                records = (records[0] + more[0], records[1] + more[1])
         except BaseException:
             slots.release()
             raise
-        return Staged(built, slots, None, fits, records)
+        return Staged(built, slots, kv_keys, None, foreign, records)
 
     def unstage(self, staged: Any) -> None:
         if isinstance(staged, Staged):
@@ -373,29 +315,30 @@ class SGLangBackend(Backend):
             built = staged.built
             if built is not self._built:
                 raise BackendUnavailable(f"{self.name!r} was rebuilt while this write was queued", backend=self.name)
-            keys = [k for k, ok in zip(keys, staged.fits) if ok]
-            if built.bounce is None:
-                import torch
-
-                ok = self._call("batch_set", built.storage.batch_set, keys,
-                                [self._tensor(torch.frombuffer(p, dtype=torch.uint8)) for p in staged.pages])
-                if not ok:
-                    self._repair(built, f"batch_set returned {ok!r}")
-                    raise BackendError(f"{self.config.backend} batch_set returned {ok!r}", backend=self.name)
-            else:
-                step = self.config.batch_pages
-                for start in range(0, len(keys), step):
-                    part = keys[start:start + step]
-                    flags = _fold(self._call("batch_set_v1", built.storage.batch_set_v1, part,
-                                             staged.slots.part(start, start + len(part))), len(part))
-                    if not all(flags):
-                        self._repair(built, f"batch_set_v1 stored {sum(flags)} of {len(part)} pages")
-                        raise BackendError(f"{self.config.backend} batch_set_v1 stored {sum(flags)} of "
-                                           f"{len(part)} pages", backend=self.name)
-            if staged.records is not None and keys:
-                self._call("checksum records", built.sums.put, keys, staged.records)
+            try:
+                if built.bounce is None:
+                    self._legacy_set(built, staged)
+                else:
+                    put, what = self._v1_call("batch_set_v1", built), f"{self.config.backend} batch_set_v1"
+                    write_kv(put, staged.slots, staged.keys, self.config.batch_pages, what)
+                    if staged.foreign:  # through the same slots, now that the KV pages are stored
+                        write_units(put, staged.slots, [k for k, _p in staged.foreign],
+                                    [p for _k, p in staged.foreign], what)
+            except NotStored as exc:  # it answered, but stored nothing: it may need re-initialising
+                self._repair(built, exc)
+                raise
+            if staged.records is not None and staged.records[0]:
+                self._call("checksum records", built.sums.put, *staged.records)
         finally:
             staged.release()
+
+    def _legacy_set(self, built: Built, staged: Staged) -> None:
+        import torch
+
+        ok = self._call("batch_set", built.storage.batch_set, staged.keys,
+                        [self._tensor(torch.frombuffer(p, dtype=torch.uint8)) for p in staged.pages])
+        if not ok:
+            raise NotStored(f"{self.config.backend} batch_set returned {ok!r}", backend=self.name)
 
     # -- health -------------------------------------------------------------------------------------
     def ping(self) -> None:
@@ -444,16 +387,7 @@ class SGLangBackend(Backend):
             self._closed = True
             built, self._built = self._built, None
         if built is not None:
-            self._close_built(built)
-
-    @staticmethod
-    def _close_built(built: Built) -> None:
-        close = getattr(built.storage, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:
-                log.debug("hicache-ha: closing SGLang's backend failed", exc_info=True)
+            built.close()
 
     def describe(self) -> dict:
         built = self._built

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from ..errors import BackendError, BackendRejected, BackendUnavailable
@@ -49,6 +49,7 @@ class Profile:
     tune: Optional[Callable[[Any], None]] = None  # adjust the built backend (e.g. its client's timeouts)
     signal_modules: tuple = ()  # modules whose ``signal.signal`` calls are kept from the host process
     exists_before_get: bool = False  # its batch_get fails as a whole on a partial hit: get the prefix only
+    exists_each: Optional[Callable[[Any, list], list]] = None  # (built backend, keys) -> stored, per key
     unverified_because: str = ""
 
     @property
@@ -78,6 +79,10 @@ class SumStore:
 
     def get(self, keys: list[str]) -> list[Optional[bytes]]:
         raise NotImplementedError
+
+    def exists(self, keys: list[str]) -> list[bool]:
+        """Whose records are stored (a record is stored after its page: the page is whole)."""
+        return [r is not None for r in self.get(keys)]
 
 
 # -- Mooncake -----------------------------------------------------------------------------------------
@@ -173,6 +178,9 @@ class MooncakeSums(SumStore):
     def get(self, keys: list[str]) -> list[Optional[bytes]]:
         return [r if r else None for r in self.store.get_batch(self._keys(keys))]
 
+    def exists(self, keys: list[str]) -> list[bool]:
+        return [code == 1 for code in _mooncake_checked("exists", self.store.batch_is_exist)(self._keys(keys))]
+
 
 # Mooncake's per-key result codes (measured with mooncake-transfer-engine-non-cuda 0.3.13.post1): exists
 # 1 / 0, a get's byte count, a put's 0; OBJECT_NOT_FOUND -704 is a plain miss (OBJECT_ALREADY_EXISTS
@@ -261,7 +269,25 @@ def _repair_hf3fs(storage: Any, exc: BaseException) -> bool:
     return True
 
 
+def _exists_each_hf3fs(storage: Any, keys: list) -> list[bool]:
+    """One metadata request for every key (SGLang's batch_exists asks the same, and keeps the prefix)."""
+    per = 2 if storage.mha_zero_copy else 1
+    query = storage._get_mha_zero_copy_keys(keys) if per == 2 else keys
+    found = storage.metadata_client.exists(storage.rank, query)
+    return [all(found[i * per:(i + 1) * per]) for i in range(len(keys))]
+
+
 # -- NIXL ---------------------------------------------------------------------------------------------
+def _exists_each_nixl(storage: Any, keys: list) -> list[bool]:
+    """One query for every key's files (SGLang's batch_exists asks the same, and keeps the prefix)."""
+    if storage.is_zero_copy:
+        query, per = storage._get_key_list_from_meta(keys), 1 if storage.is_mla_model else 2
+    else:
+        query, per = [storage._get_suffixed_key(k) for k in keys], 1
+    found = storage._query_keys_exist(query)
+    return [all(found[i * per:(i + 1) * per]) for i in range(len(keys))]
+
+
 def _clear_nixl(storage: Any, prefix: str) -> None:
     """Pages are files ``<base>/<bucket>/<key><suffix>``: remove the ones under our key prefix (SGLang's
     clear() removes every file under the base directories: every rank's and model's)."""
@@ -381,11 +407,12 @@ PROFILES = {
     "mooncake": Profile("mooncake", known_keys=MOONCAKE_KEYS, check=_check_mooncake, preflight=_preflight_mooncake,
                         sums=MooncakeSums, clear=_clear_mooncake, tune=_tune_mooncake),
     "hf3fs": Profile("hf3fs", known_keys=frozenset({"use_mock_hf3fs_client"}), repair=_repair_hf3fs,
+                     exists_each=_exists_each_hf3fs,
                      signal_modules=("sglang.srt.mem_cache.storage.hf3fs.storage_hf3fs",),
                      unverified_because="every 3FS key takes one page-sized slot: a checksum record would cost a "
                                         "page; pages after a missing one are never served (SGLang 0.5.23's "
                                         "_batch_get shifts them)"),
-    "nixl": Profile("nixl", clear=_clear_nixl, repair=_repair_nixl,
+    "nixl": Profile("nixl", clear=_clear_nixl, repair=_repair_nixl, exists_each=_exists_each_nixl,
                     unverified_because="NIXL keeps nothing but pages through its API; a failed read returns "
                                        "False for the whole batch (measured: truncated or empty files are misses)"),
     "seaweedfs": Profile("seaweedfs", known_keys=SEAWEEDFS_KEYS, check=_check_seaweedfs, sums=LegacySums,

@@ -1,0 +1,93 @@
+"""One build of an SGLang backend for a member: SGLang's backend object, the bounce pool it was given, where
+its checksum records live; and the pages of one write, staged for it on the engine thread."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import struct
+from typing import Any, Optional, Sequence
+
+from ..base import BackendContext
+from ..envelope import checksum
+from .config import SGLangConfig
+from .profiles import Profile, SumStore, kept_signals
+
+log = logging.getLogger("hicache_ha.backends")
+
+RECORD = struct.Struct("<QQ")  # length, xxh3-64 seeded by the key
+
+
+@dataclasses.dataclass
+class Built:
+    storage: Any  # SGLang's backend object
+    bounce: Any  # BouncePool for v1 backends, else None
+    sums: Optional[SumStore]
+    seconds: float = 0.0
+
+    def records(self, keys: list, pages: Sequence[Any]) -> Optional[tuple[list, list]]:
+        """(keys, checksum records) of pages, with verification; else None."""
+        if self.sums is None:
+            return None
+        return keys, [RECORD.pack(*checksum(k, p)) for k, p in zip(keys, pages)]
+
+    def close(self) -> None:
+        close = getattr(self.storage, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.debug("hicache-ha: closing SGLang's backend failed", exc_info=True)
+
+
+def construct(cfg: SGLangConfig, profile: Profile, context: BackendContext) -> Built:
+    """Build SGLang's backend as its factory does, with a bounce pool (v1) or a one-page twin of the host
+    pool (legacy backends that read its geometry) in place of the engine's pool."""
+    from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+
+    storage_config = dataclasses.replace(context.storage_config, extra_config=dict(cfg.extra_config))
+    if profile.preflight is not None:
+        profile.preflight(storage_config, cfg.preflight_timeout_ms / 1000)
+    engine_pool = context.mem_pool_host
+    bounce = None
+    pool = None
+    if engine_pool is not None:
+        from .bounce import BouncePool, default_pages
+        from .hostpool import clone_pool
+
+        if profile.v1:
+            workers = cfg.max_concurrent or context.default_workers
+            bounce = BouncePool(engine_pool, default_pages(workers, cfg.batch_pages, cfg.bounce_pages),
+                                f"{cfg.name}-bounce")
+            pool = bounce.pool
+        elif profile.needs_pool:  # built with a pool for its geometry only: legacy calls reach no pool
+            pool = clone_pool(engine_pool, 1)
+    with kept_signals(profile.signal_modules):
+        storage = StorageBackendFactory.create_backend(cfg.backend, storage_config, pool)
+    if pool is not None:
+        storage.register_mem_pool_host(pool)
+    if profile.tune is not None:
+        profile.tune(storage)
+    sums = profile.sums(storage) if cfg.verify and profile.sums is not None else None
+    return Built(storage, bounce, sums)
+
+
+class Staged:
+    """Pages of one set, copied out of engine memory on the engine thread: KV pages into bounce slots (v1),
+    pages of other pools (v1) and every page (legacy) into buffers of their own. Their checksum records
+    are computed from that copy."""
+
+    __slots__ = ("built", "slots", "keys", "pages", "foreign", "records")
+
+    def __init__(self, built: Built, slots: Any, keys: list, pages: Optional[list], foreign: list,
+                 records: Optional[tuple[list, list]]):
+        self.built = built
+        self.slots = slots  # bounce slots holding the KV pages, in key order
+        self.keys = keys  # the KV pages' keys (v1), or every key (legacy)
+        self.pages = pages  # legacy: every page
+        self.foreign = foreign  # v1: (key, buffer) of each page of another pool
+        self.records = records  # (keys, records) of every page, with verification
+
+    def release(self) -> None:
+        if self.slots is not None:
+            self.slots.release()
