@@ -2,6 +2,8 @@
 into a bounce pool the member owns (or the legacy calls), built once SGLang registered its host pool, with
 checksum records where the backend keeps them and a clear that removes only this model's pages."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +143,45 @@ def test_a_member_slower_to_build_than_start_wait_is_stood_in_for_then_takes_ove
     assert s.batch_set_v1(["late"], later) == [True]
     target = pool.alloc(pool.page_size)
     assert s.batch_get_v1(["late"], target) == [True] and pages_at(pool, target) == want
+
+
+@pytest.mark.parametrize("kind", sorted(VERIFIED))
+def test_a_page_altered_inside_the_backend_is_a_miss_counted_corrupt(kind, request, tmp_path):
+    """One byte of a stored page flipped behind hicache-ha's back (a bad disk, a bug in a store, a writer
+    of another version): the read never hands it to the engine, and says so."""
+    pool = engine_pool(kind)
+    s = build(ha(member(kind, request, tmp_path)), pool=pool)
+    wait_healthy(s)
+    written = pool.alloc(2 * pool.page_size)
+    want = fill(pool, written, seed=11)
+    assert s.batch_set_v1(["t0", "t1"], written) == [True, True]
+    _flip_a_byte(kind, s.manager.members["primary"].backend._built.storage, s.manager.storage_key("t1"))
+    target = pool.alloc(2 * pool.page_size)
+    before = pages_at(pool, target)
+    assert s.batch_get_v1(["t0", "t1"], target) == [True, False]
+    got = pages_at(pool, target)
+    assert got[0] == want[0] and got[1] == before[1]  # the altered page never reached the host pool
+    primary = next(b for b in s.ha_status()["backends"] if b["name"] == "primary")
+    assert primary["corrupt_pages"] == 1 and primary["ops"]["get"].get("corrupt") == 1
+
+
+def _flip_a_byte(kind: str, storage, key: str) -> None:
+    if kind == "mooncake":
+        import time
+
+        name = storage._tag_keys([key])[0] + f"_{storage.mha_suffix}_k"
+        stored = bytearray(storage.store.get(name))
+        stored[0] ^= 0xFF
+        time.sleep(0.3)  # an object just written or read is leased (100 ms on this master): not removable
+        assert storage.store.remove(name) == 0 and storage.store.put(name, bytes(stored)) == 0
+    elif kind == "seaweedfs":
+        bucket, name = storage.config.bucket, storage._object_key(key)
+        stored = bytearray(storage._s3.get_object(Bucket=bucket, Key=name)["Body"].read())
+        stored[0] ^= 0xFF
+        storage._s3.put_object(Bucket=bucket, Key=name, Body=bytes(stored))
+    else:
+        path = next(e.path for e in os.scandir(storage.file_path) if e.name.startswith(key))
+        with open(path, "r+b") as f:
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 0xFF]))
