@@ -3,6 +3,7 @@ into a bounce pool the member owns (or the legacy calls), built once SGLang regi
 checksum records where the backend keeps them and a clear that removes only this model's pages."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -167,8 +168,6 @@ def test_a_page_altered_inside_the_backend_is_a_miss_counted_corrupt(kind, reque
 
 def _flip_a_byte(kind: str, storage, key: str) -> None:
     if kind == "mooncake":
-        import time
-
         name = storage._tag_keys([key])[0] + f"_{storage.mha_suffix}_k"
         stored = bytearray(storage.store.get(name))
         stored[0] ^= 0xFF
@@ -185,3 +184,43 @@ def _flip_a_byte(kind: str, storage, key: str) -> None:
             first = f.read(1)
             f.seek(0)
             f.write(bytes([first[0] ^ 0xFF]))
+
+
+def test_after_a_mooncake_master_restart_the_member_is_cold_its_old_pages_miss_and_nothing_fails(tmp_path):
+    """A restarted master has lost its whole index (it keeps it in memory): SGLang's client reconnects by
+    itself, and every page written before is gone. That is a cold cache, not a broken member: reads miss,
+    the member stays healthy and serves new pages."""
+    from hicache_ha.sim.storage_servers import MooncakeMaster
+
+    with MooncakeMaster(lease_ms=100) as master:
+        pool = engine_pool("mooncake")
+        only = {"name": "primary", "type": "sglang", "backend": "mooncake", "extra_config": master.extra_config(),
+                "start_wait_ms": 30_000}
+        s = build({"backends": [only], "health": {"backoff": {"base_ms": 200, "cap_ms": 1000}}}, pool=pool)
+        wait_healthy(s)
+        old = pool.alloc(2 * pool.page_size)
+        fill(pool, old, seed=21)
+        assert s.batch_set_v1(["c0", "c1"], old) == [True, True]
+        master.kill()
+        master.start()
+        # SGLang's client reconnects and mounts its segment again by itself within a few seconds; until
+        # then writes are refused (no segment has room), and may trip the member, which probes bring back.
+        probe = pool.alloc(pool.page_size)
+        deadline = time.monotonic() + 30
+        while s.batch_set_v1([f"after-{time.monotonic()}"], probe) != [True]:
+            assert time.monotonic() < deadline, s.ha_status()["backends"][0]
+            time.sleep(0.2)
+        wait_healthy(s, timeout=30)
+        before = s.ha_status()["backends"][0]
+        target = pool.alloc(2 * pool.page_size)
+        for _ in range(20):
+            assert s.batch_exists(["c0", "c1"]) == 0
+            assert s.batch_get_v1(["c0", "c1"], target) == [False, False]
+        new = pool.alloc(pool.page_size)
+        want = fill(pool, new, seed=22)
+        assert s.batch_set_v1(["c2"], new) == [True]
+        assert s.batch_get_v1(["c2"], target[:pool.page_size]) == [True]
+        assert pages_at(pool, target[:pool.page_size]) == want
+        after = s.ha_status()["backends"][0]
+        assert after["state"] == "healthy" and after["transitions"] == before["transitions"]  # no trip for a miss
+        assert after["ops"]["exists"].get("ok", 0) >= 20 and after["corrupt_pages"] == 0
