@@ -224,3 +224,30 @@ def test_after_a_mooncake_master_restart_the_member_is_cold_its_old_pages_miss_a
         after = s.ha_status()["backends"][0]
         assert after["state"] == "healthy" and after["transitions"] == before["transitions"]  # no trip for a miss
         assert after["ops"]["exists"].get("ok", 0) >= 20 and after["corrupt_pages"] == 0
+
+
+def test_a_nixl_volume_that_comes_back_empty_is_repaired_and_serves_again(request, tmp_path):
+    """NIXL's POSIX plugin keeps pages as files under bucket directories it creates only at start-up: a
+    volume unmounted and mounted back empty would fail every write from then on. The member re-creates
+    them after the first failure; old pages miss, new ones round trip."""
+    import shutil
+
+    pool = engine_pool("nixl")
+    s = build(ha(member("nixl", request, tmp_path)), pool=pool)
+    wait_healthy(s)
+    old = pool.alloc(pool.page_size)
+    fill(pool, old, seed=31)
+    assert s.batch_set_v1(["v0"], old) == [True]
+    volume = tmp_path / "nixl"
+    shutil.rmtree(volume)
+    volume.mkdir()
+    new = pool.alloc(pool.page_size)
+    want = fill(pool, new, seed=32)
+    deadline = time.monotonic() + 20
+    while s.batch_set_v1(["v1"], new) != [True]:  # the first write fails and repairs; probes bring it back
+        assert time.monotonic() < deadline, s.ha_status()["backends"][0]
+        time.sleep(0.1)
+    wait_healthy(s)
+    target = pool.alloc(pool.page_size)
+    assert s.batch_get_v1(["v0"], target) == [False]
+    assert s.batch_get_v1(["v1"], target) == [True] and pages_at(pool, target) == want
