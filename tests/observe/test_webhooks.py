@@ -152,3 +152,86 @@ def test_invalid_webhook_config_is_refused():
     with pytest.raises(ConfigError, match="url"):
         parse({"backends": [{"name": "m", "type": "memory"}], "observe": {"webhooks": [{"url": "ftp://x"}]}},
               environ={})
+
+
+def deliveries(exposition: str, deployment: str) -> dict:
+    """(receiver, result) -> value of hicache_ha_webhook_deliveries_total in a Prometheus exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(exposition):
+        for s in family.samples:
+            if s.name == "hicache_ha_webhook_deliveries_total" and s.labels["deployment"] == deployment:
+                out[(s.labels["receiver"], s.labels["result"])] = s.value
+    return out
+
+
+def test_the_delivery_counters_count_each_receivers_results(receivers):
+    """delivered, failed after its retries, failed at once on a 4xx: one series per receiver and result."""
+    from hicache_ha.observe.metrics import WebhookMetrics, registry_for, render
+
+    fine, busy, refusing = receivers(), receivers(status=503), receivers(status=400)
+    sink = WebhookSink([WebhookConfig(url=fine.url), WebhookConfig(url=busy.url, retries=1, backoff_ms=10),
+                        WebhookConfig(url=refusing.url, retries=3, backoff_ms=10)])
+    registry = registry_for(WebhookMetrics(sink, "fleet-a"))
+    try:
+        receivers_ = ("0:127.0.0.1", "1:127.0.0.1", "2:127.0.0.1")
+        zero = {(r, result): 0.0 for r in receivers_ for result in ("delivered", "failed", "dropped")}
+        assert deliveries(render(registry).decode(), "fleet-a") == zero  # every series exists from the start
+        for i in range(3):
+            sink({**EVENT, "rank": i})
+        wait_for(lambda: sum(d.counts["delivered"] + d.counts["failed"] for d in sink.deliveries) == 9, timeout=10,
+                 what="every event to be delivered or given up")
+        assert deliveries(render(registry).decode(), "fleet-a") == {
+            **zero, ("0:127.0.0.1", "delivered"): 3.0, ("1:127.0.0.1", "failed"): 3.0, ("2:127.0.0.1", "failed"): 3.0}
+        assert (len(fine.requests), len(busy.requests), len(refusing.requests)) == (3, 6, 3)  # a 400 is not retried
+    finally:
+        sink.close()
+
+
+def test_events_dropped_on_a_full_queue_are_counted_for_that_receiver_only(receivers):
+    from hicache_ha.observe.metrics import WebhookMetrics, registry_for, render
+
+    hung, fine = receivers(hang_s=6.0), receivers()
+    # The hung request's timeout (4 s) outlasts the test's emitting by far: its queue stays full meanwhile.
+    sink = WebhookSink([WebhookConfig(url=hung.url, timeout_ms=4000, retries=0), WebhookConfig(url=fine.url)],
+                       queue_size=1)
+    registry = registry_for(WebhookMetrics(sink, "fleet-a"))
+    try:
+        sink(EVENT)
+        wait_for(lambda: hung.requests and len(fine.bodies) == 1, timeout=5, what="the first event to be in flight")
+        for i in range(4):  # the hung receiver's queue holds one more; three are dropped
+            sink({**EVENT, "rank": i})
+            wait_for(lambda: len(fine.bodies) == i + 2, timeout=5, what="the healthy receiver's delivery")
+        assert deliveries(render(registry).decode(), "fleet-a") == {
+            ("0:127.0.0.1", "delivered"): 0.0, ("0:127.0.0.1", "failed"): 0.0, ("0:127.0.0.1", "dropped"): 3.0,
+            ("1:127.0.0.1", "delivered"): 5.0, ("1:127.0.0.1", "failed"): 0.0, ("1:127.0.0.1", "dropped"): 0.0}
+    finally:
+        sink.close()
+
+
+def test_the_controllers_metrics_serve_the_delivery_counters(receivers, tmp_path):
+    """The standalone controller built from a config with webhooks: its /metrics (no key) carries them."""
+    import httpx
+
+    from hicache_ha.config import parse
+    from hicache_ha.control.service import start_controller
+    from hicache_ha.sim.servers import free_port
+    from tests.control.conftest import KEY
+
+    fine, busy = receivers(), receivers(status=503)
+    cfg = parse({"backends": [{"name": "primary", "type": "memory"}],
+                 "admin": {"mode": "remote", "deployment": "fleet-b", "port": free_port(), "agent_port": free_port(),
+                           "state_file": str(tmp_path / "state.json")},
+                 "observe": {"webhooks": [{"url": fine.url}, {"url": busy.url, "retries": 0}]}}, environ={})
+    service = start_controller(cfg, expected_ranks=1, api_key=KEY)
+    try:
+        for _ in range(2):
+            service.webhooks(EVENT)
+        wait_for(lambda: len(fine.bodies) == 2 and service.webhooks.failed == 2, timeout=10, what="deliveries")
+        got = deliveries(httpx.get(f"{service.url}/metrics", timeout=5).text, "fleet-b")
+        assert got == {("0:127.0.0.1", "delivered"): 2.0, ("0:127.0.0.1", "failed"): 0.0,
+                       ("0:127.0.0.1", "dropped"): 0.0, ("1:127.0.0.1", "delivered"): 0.0,
+                       ("1:127.0.0.1", "failed"): 2.0, ("1:127.0.0.1", "dropped"): 0.0}
+    finally:
+        service.close()

@@ -1,8 +1,11 @@
 """The v2 interface on SGLang's real hybrid host pools: a KV pool (MHA or MLA), an SWA state pool
 (trailing pages), a DSA-style indexer pool (all pages, on the KV slots) and a Mamba state pool (bytes,
-per TP rank even in an MLA model). Round trips byte for byte, each hit policy, misses, failure values,
-and the data-plane promises (deadline, fencing, failover) for every pool."""
+per TP rank even in an MLA model). Round trips byte for byte (one backend call for every pool), each hit
+policy, misses, failure values, and the data-plane promises (deadline, fencing, integrity, failover,
+switchover) for every pool."""
 
+import os
+import shutil
 import time
 
 import pytest
@@ -31,25 +34,57 @@ def transfer(name, pool, keys, policy=PoolHitPolicy.ALL_PAGES, indices=None):
                         host_indices=indices if indices is not None else pool.alloc(len(keys) * pool.page_size))
 
 
+ALL_POOLS = (PoolName.KV, PoolName.SWA, PoolName.INDEXER, PoolName.MAMBA)
+
+
 @pytest.fixture
 def file_ha(tmp_path):
     return {"backends": [{"name": "f", "type": "file", "path": str(tmp_path)}]}
 
 
-def test_every_pool_round_trips_byte_for_byte_in_one_call(file_ha):
+def record_calls(backend, monkeypatch) -> dict:
+    """Wrap a member's backend so that each call the data plane makes into it is recorded (its keys), per
+    method. Health pings and recovery probes (keys ``__hicache_ha_*``) are left out: not engine traffic."""
+    calls: dict = {"exists_each": [], "fetch": [], "get": [], "set": []}
+    for method in calls:
+        real = getattr(backend, method)
+
+        def counted(keys, *args, _real=real, _method=method, **kwargs):
+            if not all(str(k).startswith("__hicache_ha") for k in keys):
+                calls[_method].append(list(keys))
+            return _real(keys, *args, **kwargs)
+
+        monkeypatch.setattr(backend, method, counted)
+    return calls
+
+
+def storage_keys(s, names, keys) -> list:
+    """The storage keys of ``keys`` in each pool's namespace, pools in ``names`` order."""
+    return [sk for n in names for sk in s.namespaces[n.value].keys(keys)]
+
+
+def test_every_pool_round_trips_byte_for_byte_in_one_call(file_ha, monkeypatch):
     s, pools = hybrid(file_ha)
+    calls = record_calls(s.manager.members["f"].backend, monkeypatch)
     keys = ["h0", "h1", "h2"]
     out, expected = [], {}
-    for name in (PoolName.KV, PoolName.SWA, PoolName.INDEXER, PoolName.MAMBA):
+    for name in ALL_POOLS:
         t = transfer(name, pools[name], keys)
         expected[name] = fill(pools[name], t.host_indices, seed=hash(name.value) % 1000)
         out.append(t)
     assert s.batch_set_v2(out) == {t.name: [True] * 3 for t in out}
+    everything = sorted(storage_keys(s, ALL_POOLS, keys))
+    # One backend call stored the pages of all four pools.
+    assert [sorted(c) for c in calls["set"]] == [everything]
     back = [transfer(t.name, pools[t.name], keys) for t in out]
     assert s.batch_get_v2(back) == {t.name: [True] * 3 for t in back}
     for t in back:
         assert pages_at(pools[t.name], t.host_indices) == expected[t.name], t.name
-    assert len(s.ha_status()["backends"][0]["ops"]["get"]) == 1  # four pools, one round trip
+    # One round trip read them all: one fetch (the file backend's fetch is one get).
+    assert [sorted(c) for c in calls["fetch"]] == [everything] and len(calls["get"]) == 1
+    r = s.batch_exists_v2(keys, [PoolTransfer(name=n, hit_policy=PoolHitPolicy.ALL_PAGES) for n in ALL_POOLS[1:]])
+    assert r.kv_hit_pages == 3 and r.extra_pool_hit_pages == {n: 3 for n in ALL_POOLS}
+    assert [sorted(c) for c in calls["exists_each"]] == [everything]  # and one call asked about every page
 
 
 def test_hit_policies_as_sglang_defines_them(file_ha):
@@ -152,3 +187,65 @@ def test_mla_models_share_kv_and_sidecars_but_mamba_state_stays_per_rank(tmp_pat
     assert s0.batch_exists_v2(["b"], [PoolTransfer(name=PoolName.SWA, keys=["b"],
                                                    hit_policy=PoolHitPolicy.TRAILING_PAGES)]).kv_hit_pages == 0
     assert isinstance(s0.batch_exists_v2([]), PoolTransferResult)
+
+
+@pytest.mark.parametrize("name", [PoolName.SWA, PoolName.INDEXER, PoolName.MAMBA], ids=lambda n: n.value)
+def test_a_tampered_page_of_any_pool_reads_as_a_miss_and_counts_corrupt(tmp_path, name):
+    """Every pool's pages carry the integrity envelope: a page altered on the storage, or another page's
+    file put under its key, is a miss (nothing written into the pool) and a ``corrupt`` outcome."""
+    s, pools = hybrid({"backends": [{"name": "f", "type": "file", "path": str(tmp_path)}]})
+    pool, keys = pools[name], ["t0", "t1", "t2"]
+    t = transfer(name, pool, keys)
+    expected = fill(pool, t.host_indices, seed=11)
+    assert s.batch_set_v2([t]) == {name: [True] * 3}
+    backend = s.manager.members["f"].backend
+    files = [backend._path(sk) for sk in storage_keys(s, [name], keys)]
+    with open(files[1], "r+b") as f:  # one payload byte flipped
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0x01]))
+    shutil.copyfile(files[0], files[2])  # a good page, filed under another key
+    back = transfer(name, pool, keys)
+    fill(pool, back.host_indices, seed=12)  # what the slots hold before the read
+    before = pages_at(pool, back.host_indices)
+    assert s.batch_get_v2([back]) == {name: [True, False, False]}
+    assert pages_at(pool, back.host_indices) == [expected[0], before[1], before[2]]
+    member = s.ha_status()["backends"][0]
+    assert member["corrupt_pages"] == 2 and member["ops"]["get"] == {"corrupt": 1}  # one call, two bad pages
+
+
+def test_after_a_switch_every_pools_traffic_goes_to_the_new_member(tmp_path, monkeypatch):
+    ha = {"backends": [{"name": "a", "type": "file", "path": str(tmp_path / "a")},
+                       {"name": "b", "type": "file", "path": str(tmp_path / "b")}]}
+    s, pools = hybrid(ha)
+    old = [transfer(n, pools[n], ["o0", "o1"]) for n in ALL_POOLS]
+    for t in old:
+        fill(pools[t.name], t.host_indices, seed=5)
+    assert s.batch_set_v2(old) == {n: [True, True] for n in ALL_POOLS}  # on "a"
+    epoch = s.manager.epoch
+    s.manager.commit(s.manager.prepare("b"))
+    assert (s.manager.active.name, s.manager.epoch > epoch) == ("b", True)
+    on_a = record_calls(s.manager.members["a"].backend, monkeypatch)
+    on_b = record_calls(s.manager.members["b"].backend, monkeypatch)
+
+    # What "a" holds is not on "b": every pool misses, asked of "b".
+    r = s.batch_exists_v2(["o0", "o1"], [PoolTransfer(name=n, hit_policy=PoolHitPolicy.ALL_PAGES)
+                                         for n in ALL_POOLS[1:]])
+    assert r.kv_hit_pages == 0
+    missed = s.batch_get_v2([transfer(n, pools[n], ["o0", "o1"]) for n in ALL_POOLS])
+    assert missed == {n: [False, False] for n in ALL_POOLS}
+    # New pages of every pool are written to "b" and read back from it, byte for byte.
+    new = [transfer(n, pools[n], ["n0", "n1"]) for n in ALL_POOLS]
+    expected = {t.name: fill(pools[t.name], t.host_indices, seed=6) for t in new}
+    assert s.batch_set_v2(new) == {n: [True, True] for n in ALL_POOLS}
+    back = [transfer(n, pools[n], ["n0", "n1"]) for n in ALL_POOLS]
+    assert s.batch_get_v2(back) == {n: [True, True] for n in ALL_POOLS}
+    assert all(pages_at(pools[t.name], t.host_indices) == expected[t.name] for t in back)
+
+    assert on_a == {"exists_each": [], "fetch": [], "get": [], "set": []}
+    olds, news = sorted(storage_keys(s, ALL_POOLS, ["o0", "o1"])), sorted(storage_keys(s, ALL_POOLS, ["n0", "n1"]))
+    assert [sorted(c) for c in on_b["exists_each"]] == [olds]
+    assert [sorted(c) for c in on_b["fetch"]] == [olds, news] and [sorted(c) for c in on_b["set"]] == [news]
+    a, b = s.manager.members["a"].backend, s.manager.members["b"].backend
+    assert all(os.path.exists(b._path(k)) and not os.path.exists(a._path(k)) for k in news)

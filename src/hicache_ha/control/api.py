@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as Path_
@@ -84,15 +84,19 @@ def create_app(controller: Controller, api_key: Optional[str], webhooks=None) ->
         return {"ok": True, "leader": controller.is_leader, "ranks_alive": len(controller.alive()),
                 "expected_ranks": controller.expected_ranks}
 
-    @app.get("/readyz", tags=["health"])
-    def readyz():
+    @app.get("/readyz", tags=["health"], responses={200: {}, 503: {}})
+    def readyz(ranks: Optional[Literal["all"]] = Query(
+            default=None, description="'all': ready only when every expected rank heartbeats too (for rollout "
+                                      "gates; never for the controller's own readiness probe)")):
         """Ready for traffic: this controller leads (else 503). Ranks reach the leader through whatever
         routes on readiness (a Kubernetes Service), so missing ranks are reported here but never make
-        the leader unready: that would keep them from ever connecting."""
+        the leader unready: that would keep them from ever connecting. ``?ranks=all`` is the operator's
+        gate: 200 only when this controller leads and every expected rank heartbeats it."""
         missing = controller.missing()
-        ready = controller.is_leader
-        body = {"ready": ready, "leader": controller.is_leader, "missing_ranks": missing,
-                "expected_ranks": controller.expected_ranks}
+        leader = controller.is_leader
+        ready = leader and (ranks is None or not missing)
+        body = {"ready": ready, "leader": leader, "missing_ranks": missing, "expected_ranks": controller.expected_ranks,
+                "requires": ["leader", "ranks"] if ranks else ["leader"]}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/hicache/storage-backend", dependencies=secured, tags=["storage"])
