@@ -1,7 +1,10 @@
 """The chaos suite's long profile: every fault, several trials each, with stress-ng on every core.
 
-Usage: python bench/chaos.py [--profile long|short] [--trials 3] [--only NAME ...] [--json out.json]
-Prints one Markdown table (one row per trial) and exits 1 if any trial broke a promise.
+Usage: python bench/chaos.py [--profile long|short] [--trials 3] [--engine sim|sglang|both] [--only NAME ...]
+                             [--json out.json]
+The engine: the simulator (every fault), SGLang's own HiCacheController (SIGKILL and SIGSTOP, in two rank
+processes started once), or both (the default). Prints one Markdown table (one row per trial) and exits 1
+if any trial broke a promise.
 """
 
 from __future__ import annotations
@@ -18,18 +21,32 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=["long", "short"], default="long")
     ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--engine", choices=["sim", "sglang", "both"], default="both")
     ap.add_argument("--only", nargs="*", default=[], help="scenarios whose name contains one of these words")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args()
     profile = chaos.LONG if args.profile == "long" else chaos.SHORT
     rows, broken = [], []
-    for cls in chaos.SCENARIOS:
-        if args.only and not any(w.lower() in cls.name.lower() for w in args.only):
-            continue
-        for trial in range(args.trials):
-            row = chaos.run_scenario(cls, profile, log=lambda m: print(m, file=sys.stderr, flush=True))
-            rows.append(row)
-            broken += [f"{row.fault} (trial {trial + 1}): {p}" for p in row.problems()]
+
+    def wanted(cls) -> bool:
+        return not args.only or any(w.lower() in cls.name.lower() for w in args.only)
+
+    def log(m: str) -> None:
+        print(m, file=sys.stderr, flush=True)
+
+    if args.engine in ("sim", "both"):
+        for cls in filter(wanted, chaos.SCENARIOS):
+            for _ in range(args.trials):
+                rows.append(chaos.run_scenario(cls, profile, log=log))
+    sglang = [cls for cls in chaos.SGLANG_SCENARIOS if wanted(cls) for _ in range(args.trials)]
+    if args.engine in ("sglang", "both") and sglang:
+        rows += chaos.run_sglang(sglang, profile, log=log)
+    trial: dict = {}
+    for row in rows:
+        key = (row.fault, row.engine)
+        trial[key] = trial.get(key, 0) + 1
+        engine = " on SGLang's controller" if row.engine == "sglang" else ""
+        broken += [f"{row.fault}{engine} (trial {trial[key]}): {p}" for p in row.problems()]
     print(chaos.markdown(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

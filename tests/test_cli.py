@@ -6,6 +6,8 @@ import sys
 from typer.testing import CliRunner
 
 from hicache_ha.cli import app
+from hicache_ha.sim.chaos import Stress
+from hicache_ha.sim.demo import SUMMARY_ENV
 
 runner = CliRunner()
 
@@ -63,6 +65,32 @@ def test_the_demo_runs_without_a_terminal_and_reports_a_clean_run():
     assert "errors surfaced to the engine: 0" in out.stdout
     assert "healthy members tripped: 0" in out.stdout
     assert "the engine saw no error and no wrong page" in out.stdout
+
+
+def test_the_demo_holds_with_both_cores_busy(tmp_path):
+    """Issue 12's check: `make demo` with `stress-ng --cpu 2` beside it. Shortened to 18 s (freeze at 6 s,
+    SIGCONT at 12 s): the 6 s after the thaw cover the longest backoff (4 s) before the primary's recovery."""
+    load = Stress(cpus=2)
+    assert load.available, "stress-ng is missing: make test installs it (apt-get install stress-ng)"
+    summary = tmp_path / "demo.json"
+    env = {**os.environ, "CI": "true", SUMMARY_ENV: str(summary)}
+    with load:
+        out = subprocess.run([sys.executable, "-m", "hicache_ha.cli", "demo", "--duration", "18"], env=env,
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
+        assert load.proc.poll() is None, "stress-ng stopped before the demo ended"  # both cores busy throughout
+    assert out.returncode == 0, out.stdout + out.stderr
+    s = json.loads(summary.read_text())
+    report = out.stdout + json.dumps({k: v for k, v in s.items() if k != "phases"}, indent=1)
+    assert s["fault"] == "primary frozen" and "SIGSTOP primary" in out.stdout and "SIGCONT primary" in out.stdout
+    assert s["errors"] == 0 and s["bad_pages"] == 0, report
+    assert s["healthy_members_tripped"] == [], report
+    # Every rank on the standby within 1 s of the freeze (and the primary detected, not switched away from).
+    assert sorted(s["standby_serving_ms"]) == ["0", "1"], report
+    assert all(0 <= ms <= 1000 for ms in s["standby_serving_ms"].values()), report
+    assert sorted(s["primary_circuit_broken_ms"]) == ["0", "1"], report
+    # The engine kept going while the primary was frozen, and the primary recovered after SIGCONT.
+    assert s["phases"][1]["calls"] > 0 and s["phases"][1]["get_ok"] > 0, report
+    assert sorted(s["primary_healthy_again_ms"]) == ["0", "1"], report
 
 
 def test_without_redis_server_the_demo_makes_a_fault_it_can_really_make_and_names_it():

@@ -31,3 +31,23 @@ def test_a_fault_under_load_never_reaches_the_engine(scenario):
     assert row.problems() == [], chaos.markdown([row])
     if row.expect in ("failover", "cluster"):
         assert row.detect_ms is not None or row.expect == "cluster"
+
+
+@pytest.fixture(scope="module")
+def sglang_rows():
+    """Every SGLang scenario in one spawn of SGLang's two rank processes (importing SGLang is the cost)."""
+    assert chaos.Stress().available, "stress-ng is missing: make test installs it (apt-get install stress-ng)"
+    rows = chaos.run_sglang(chaos.SGLANG_SCENARIOS, chaos.SHORT)
+    ROWS.extend(rows)
+    return {row.fault: row for row in rows}
+
+
+@pytest.mark.parametrize("scenario", chaos.SGLANG_SCENARIOS, ids=[s.name for s in chaos.SGLANG_SCENARIOS])
+def test_a_fault_under_load_never_reaches_sglangs_own_controller(sglang_rows, scenario):
+    """SGLang's real HiCacheController (TP = 2 over gloo): each of its storage calls is timed on its rank,
+    each loaded page compared byte for byte; the same promises as the simulator's rows."""
+    row = sglang_rows[scenario.name]
+    assert row.engine == "sglang" and row.stress
+    assert row.detect_ms is not None
+    assert row.calls_during_fault > 0, "SGLang's controller stopped calling storage while the fault lasted"
+    assert row.problems() == [], chaos.markdown([row])

@@ -63,16 +63,31 @@ def served_after(stats, t_rel, op="set"):
 
 
 def test_sigkill_trips_within_100ms_and_the_standby_serves_within_1s(redis_server, tmp_path):
+    """Refused connections are news at once: 3 consecutive failures trip the primary within 100 ms of the
+    engine's first calls after the kill. Calls already in flight at the kill hold the engine's threads
+    until they answer (on a busy machine a big read can run out its deadline instead of seeing the reset);
+    the 100 ms run from then, plus the time this process was kept from running (measured)."""
     managers = ranks(doc({"name": "primary", "type": "redis", "url": redis_server.url}, tmp_path))
     try:
-        sim, t_kill = run(managers, redis_server.kill)
-        stats = sim.finish()
+        with LagProbe() as lag:
+            sim, t_kill = run(managers, redis_server.kill)
+            stats = sim.finish()
+            started_wall = time.time() - stats.now()
+            to_monotonic = time.monotonic() - time.time()
+        early = events(managers, backend="primary", to_state="circuit_broken")
+        assert not [e for e in early if e.time < t_kill], \
+            f"the healthy primary tripped before the kill: {[(e.rank, e.reason) for e in early if e.time < t_kill]}"
         broken = first_time(managers, backend="primary", to_state="circuit_broken")
         switched = first_time(managers, backend="standby", role="active")
-        assert broken - t_kill <= 0.100, f"detected after {(broken - t_kill) * 1000:.0f} ms"
+        kill_t = t_kill - started_wall  # on the simulator's clock
+        held = max((s.t - kill_t for s in stats.samples if s.t - s.seconds <= kill_t < s.t), default=0.0)
+        kept_away = lag.worst_between(t_kill + to_monotonic, broken + to_monotonic + 0.05)
+        assert broken - t_kill <= held + 0.100 + kept_away, (
+            f"detected after {(broken - t_kill) * 1000:.0f} ms (calls in flight held the engine "
+            f"{held * 1000:.0f} ms, lag {kept_away * 1000:.0f} ms)")
         assert switched - t_kill <= 1.0
         assert all(m.active.name == "standby" for m in managers)
-        assert served_after(stats, switched - (time.time() - stats.now()) + 0.1)
+        assert served_after(stats, switched - started_wall + 0.1)
         assert stats.errors_surfaced == 0 and stats.verify_failures == 0
     finally:
         for m in managers:

@@ -1,3 +1,4 @@
+import statistics
 import threading
 import time
 
@@ -5,6 +6,7 @@ import pytest
 
 from hicache_ha.backends.envelope import HEADER_SIZE
 from hicache_ha.dataplane import BackendManager, DrainTimeout, Layout, PrepareRefused, UnknownBackend
+from hicache_ha.sim.lag import LagProbe
 from tests.helpers import GATE, GateBackend
 
 SLACK = 0.020  # the contract: deadline + 20 ms
@@ -46,6 +48,17 @@ def timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
+def refusals(fn, n=100):
+    """Time ``n`` calls that must each be refused at once (a miss); their durations in seconds. One call
+    can always be preempted on a busy machine: callers judge the median and the 90th percentile."""
+    took = []
+    for _ in range(n):
+        out, t = timed(fn, ["k"])
+        assert out == [None]
+        took.append(t)
+    return sorted(took)
+
+
 def test_pages_round_trip_and_keys_carry_the_layout():
     m = manager({"name": "a", "type": "memory"})
     assert m.set(["k1", "k2"], [b"one", b"two"]) == [True, True]
@@ -62,9 +75,10 @@ def test_a_hung_backend_costs_each_call_its_deadline_and_no_more():
     try:
         for fn, args, failure, deadline in ((m.exists, (["k"],), 0, 0.030), (m.get, (["k"],), [None], 0.060),
                                             (m.set, (["k"], [b"v"]), [False], 0.080)):
-            out, took = timed(fn, *args)
+            with LagProbe() as lag:  # the contract, plus the time this process was kept from running
+                out, took = timed(fn, *args)
             assert out == failure
-            assert deadline <= took <= deadline + SLACK
+            assert deadline <= took <= deadline + SLACK + lag.worst, f"{took * 1000:.1f} ms, lag {lag.worst * 1000:.1f} ms"
         stats = m.members["g"].snapshot()
         assert stats["abandoned"] == 3
         assert stats["ops"]["get"]["timeout"] == 1
@@ -82,17 +96,18 @@ def test_a_full_bulkhead_refuses_at_once_and_blames_the_backend_only_when_it_hol
         busy = threading.Thread(target=m.exists, args=(["k"],))  # holds the one worker, within its deadline
         busy.start()
         assert g.entered.wait(2)
-        out, took = timed(m.get, ["k"])
-        assert out == [None] and took < 0.005
-        assert m.members["g"].snapshot()["ops"]["get"] == {"short_circuited": 1}  # our load, not the backend's
+        # Refused at once: not queued behind the busy worker, not held for the 60 ms get deadline.
+        took = refusals(m.get)
+        assert statistics.median(took) < 0.002 and took[89] < 0.010, f"ms: {[round(t * 1000, 1) for t in took]}"
+        assert m.members["g"].snapshot()["ops"]["get"] == {"short_circuited": 100}  # our load, not the backend's
         g.open_gate()
         busy.join()
         g.close_gate()
         m.path.deadlines["exists"] = 0.03
         m.exists(["k"])  # abandoned at its deadline: now the hung backend holds the worker
-        out, took = timed(m.get, ["k"])
-        assert out == [None] and took < 0.005
-        assert m.members["g"].snapshot()["ops"]["get"] == {"short_circuited": 1, "timeout": 1}
+        took = refusals(m.get)
+        assert statistics.median(took) < 0.002 and took[89] < 0.010, f"ms: {[round(t * 1000, 1) for t in took]}"
+        assert m.members["g"].snapshot()["ops"]["get"] == {"short_circuited": 100, "timeout": 100}
     finally:
         g.open_gate()
         busy.join()
@@ -213,8 +228,10 @@ def test_without_force_calls_that_do_not_drain_refuse_the_switch():
             m.commit(prepared, drain_timeout_s=0.05)
         assert m.active.name == "g" and m.epoch == 1
         t0 = time.perf_counter()
-        assert m.commit(prepared, force=True) == 2
-        assert time.perf_counter() - t0 < 0.05  # the hung member is not waited for
+        assert m.commit(prepared, force=True, drain_timeout_s=5) == 2
+        # The hung member is not waited for: neither its call (held 30 s) nor the 5 s drain. One call on a
+        # loaded machine may be kept from running for tens of ms; waiting would cost seconds.
+        assert time.perf_counter() - t0 < 0.5
         assert m.active.name == "b"
     finally:
         gate_of(m, "g").open_gate()

@@ -1,6 +1,7 @@
 """Webhooks against real local HTTP receivers: delivery, both forms, retries, a receiver that hangs."""
 
 import json
+import statistics
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -83,10 +84,14 @@ def test_failures_are_retried_a_bounded_number_of_times(receivers):
 def test_a_hanging_receiver_never_blocks_the_emitter_and_the_queue_stays_bounded(receivers):
     hung = receivers(hang_s=3.0)
     sink = WebhookSink([WebhookConfig(url=hung.url, timeout_ms=100, retries=0)], queue_size=5)
-    t0 = time.perf_counter()
+    took = []
     for _ in range(50):
+        t0 = time.perf_counter()
         sink(EVENT)
-    assert time.perf_counter() - t0 < 0.1  # emitting is a queue put
+        took.append(time.perf_counter() - t0)
+    # Emitting is a queue put (microseconds), never a delivery: waiting for the receiver would cost each
+    # event its 100 ms timeout (5 s in all). One put can be preempted on a busy machine: judge the median.
+    assert statistics.median(took) < 0.001 and sum(took) < 1.0, f"ms: {[round(t * 1000, 2) for t in took]}"
     assert sink.dropped >= 40 and sink.deliveries[0].queue.qsize() <= 5
     wait_for(lambda: sink.failed >= 1, timeout=5, what="a timeout")
     sink.close()

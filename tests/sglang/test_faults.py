@@ -1,10 +1,12 @@
 """The data plane contract, seen from SGLang's side, against real faults."""
 
 import os
+import statistics
 import time
 
 import torch
 
+from hicache_ha.sim.lag import LagProbe
 from tests.helpers import GATE
 from tests.sglang.conftest import build
 from tests.sglang.realpools import fill, mha_pool
@@ -70,7 +72,9 @@ def test_a_page_altered_on_disk_is_a_miss_and_counted_corrupt(tmp_path):
 
 
 def _every_call_fails_fast(s, deadlines):
-    """Drive each HAStorage entry point; each must return its failure value within deadline + 20 ms."""
+    """Drive each HAStorage entry point; each must return its failure value within deadline + 20 ms, plus
+    whatever time this process was kept from running meanwhile (measured: on a loaded machine no call
+    returns while the operating system does not run it). Most calls keep the bare contract."""
     target = torch.zeros(4096, dtype=torch.bfloat16)
     calls = [
         (lambda: s.get("k0", target), None, deadlines["get"]),
@@ -81,16 +85,19 @@ def _every_call_fails_fast(s, deadlines):
         (lambda: s.exists("k0"), False, deadlines["exists"]),
         (lambda: s.batch_exists([f"k{i}" for i in range(4)]), 0, deadlines["exists"]),
     ]
-    worst = 0.0
-    for _ in range(3):
-        for call, failure, deadline_ms in calls:
-            t0 = time.perf_counter()
-            out = call()
-            took = time.perf_counter() - t0
-            assert out == failure
-            assert took <= deadline_ms / 1000 + SLACK_S, f"took {took * 1000:.1f} ms, deadline {deadline_ms} ms"
-            worst = max(worst, took)
-    return worst
+    over = []  # seconds past each call's deadline
+    with LagProbe() as lag:
+        for _ in range(3):
+            for call, failure, deadline_ms in calls:
+                t0 = time.perf_counter()
+                out = call()
+                took = time.perf_counter() - t0
+                assert out == failure
+                over.append(took - deadline_ms / 1000)
+    shown = [round(o * 1000, 1) for o in over]
+    assert max(over) <= SLACK_S + lag.worst, f"ms past the deadline: {shown}, lag {lag.worst * 1000:.1f} ms"
+    assert statistics.median(over) <= SLACK_S, f"ms past the deadline: {shown}"
+    return max(over)
 
 
 def test_a_frozen_then_killed_redis_never_holds_the_engine_past_its_deadline(redis_server, fast_deadlines):

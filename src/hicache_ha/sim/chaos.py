@@ -1,4 +1,4 @@
-"""Chaos: the simulated engine against real faults on real processes, with the CPUs busy.
+"""Chaos: the engine against real faults on real processes, with the CPUs busy.
 
 Each scenario starts its own servers, runs two engine ranks through the data plane (a primary and a
 standby member each), makes one fault, heals it, and reports what the engine saw: time to detect, time
@@ -6,6 +6,10 @@ until every rank is served again (by the standby, or by another instance of the 
 healthy members tripped (must be none), engine-visible latency percentiles, errors and wrong pages
 (must be none), writes dropped. ``stress-ng`` loads every core meanwhile, as an inference host is
 always busy.
+
+The engine is the simulator (``run_scenario``: every fault) or SGLang's own HiCacheController in two
+rank processes (``run_sglang``: TP = 2 over gloo, HAStorage built by SGLang's factory; the faults in
+``SGLANG_SCENARIOS``), whose every storage call is timed on the rank.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -67,6 +72,8 @@ class Row:
     calls: int
     stress: bool
     served_within_s: float = 2.0
+    engine: str = "sim"  # sim: the simulator's ranks; sglang: SGLang's own HiCacheController
+    calls_during_fault: Optional[int] = None  # storage calls the engine made while the fault lasted
 
     def problems(self) -> list[str]:
         """What breaks the promises: errors, wrong pages, healthy members tripped, a rank not served
@@ -430,6 +437,111 @@ def _row(scenario: Scenario, events: list, t_fault: float, stats, managers: list
     )
 
 
+# The faults run against SGLang's real controller (importing SGLang costs its rank processes tens of
+# seconds, so every scenario runs in the same two processes, one after the other).
+SGLANG_SCENARIOS: list[type[Scenario]] = [SigKill, SigStop]
+
+
+def run_sglang(scenarios: list[type[Scenario]] = SGLANG_SCENARIOS, profile: Profile = SHORT, *, stress: bool = True,
+               ranks: int = 2, log: Callable[[str], None] = lambda _m: None) -> list[Row]:
+    """Each scenario against SGLang's own HiCacheController (``sglang_engine``): one row each. The ranks
+    are started (SGLang imported) before stress-ng, which then loads every core from the steady phase of
+    each scenario to its end."""
+    from .sglang_engine import SGLangEngine, ha_spec
+
+    workdirs, instances, specs = [], [], []
+    engine: Optional[SGLangEngine] = None
+    done = threading.Event()
+    events: list[tuple[int, str, dict]] = []  # (rank, spec name, event dict), as the ranks send them
+    try:
+        for i, cls in enumerate(scenarios):
+            workdirs.append(tempfile.mkdtemp(prefix="hicache-ha-chaos-sglang-"))
+            instances.append(cls(workdirs[-1]))
+            doc = {"backends": instances[-1].members(), "deadlines_ms": DEADLINES,
+                   "health": {"backoff": {"base_ms": 300, "cap_ms": 3000}}, "admin": {"mode": "off"},
+                   **instances[-1].config()}
+            specs.append(ha_spec(f"{i}: {cls.name}", doc))
+        engine = SGLangEngine(specs, ranks, live=True, quiet=True).start()
+
+        def pump() -> None:  # the live queue must be read, or a full pipe blocks the ranks
+            while not done.is_set():
+                try:
+                    kind, rank, name, data = engine.live.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if kind == "event":
+                    events.append((rank, name, data))
+
+        pumper = threading.Thread(target=pump, name="chaos-sglang-live", daemon=True)
+        pumper.start()
+        runs = []
+        for scenario, spec in zip(instances, specs):
+            if not engine.wait_ready(spec.name):
+                raise RuntimeError(f"SGLang's ranks did not start {spec.name} (is the sglang wheel installed?)")
+            with Stress() as load:
+                time.sleep(profile.steady_s)
+                t_fault, fault_start = time.time(), time.monotonic()
+                log(f"{scenario.name} (SGLang's controller): fault")
+                scenario.inject()
+                time.sleep(profile.fault_s)
+                fault_end = time.monotonic()
+                scenario.heal()
+                log(f"{scenario.name} (SGLang's controller): healed")
+                time.sleep(max(profile.after_s, scenario.served_within_s + 0.5 - profile.fault_s))
+                engine.stop(spec.name)
+            runs.append((t_fault, (fault_start, fault_end), load.proc is not None))
+        results = engine.results()
+        done.set()
+        pumper.join(5)
+        return [_sglang_row(scenario, spec.name, t_fault, window, stressed, results, events, ranks)
+                for scenario, spec, (t_fault, window, stressed) in zip(instances, specs, runs)]
+    finally:
+        done.set()
+        if engine is not None:
+            engine.close()
+        for scenario in instances:
+            scenario.close()
+        for w in workdirs:
+            shutil.rmtree(w, ignore_errors=True)
+
+
+def _sglang_row(scenario: Scenario, name: str, t_fault: float, window: tuple[float, float], stressed: bool,
+                results: dict, events: list, ranks: int) -> Row:
+    from .sglang_engine import OP_DEADLINE
+
+    evs = [e for rank, n, e in events if n == name and e["time"] >= t_fault]
+
+    def per_rank(pred) -> dict[int, float]:
+        firsts: dict[int, float] = {}
+        for e in sorted(evs, key=lambda e: e["time"]):
+            if pred(e):
+                firsts.setdefault(e["rank"], (e["time"] - t_fault) * 1000)
+        return firsts
+
+    detect = per_rank(lambda e: e["backend"] == scenario.faulty and e["to"] == "circuit_broken")
+    served = per_rank(lambda e: e.get("detail", {}).get("role") == "active" and e["to"] == "standby")
+    tripped = sorted({f"rank {e['rank']} {e['backend']}" for e in evs
+                      if e["to"] == "circuit_broken" and e["backend"] not in (None, scenario.faulty)})
+    rank_results = [results[(r, name)] for r in range(ranks)]
+    # (ms, seconds over its own op's deadline + the contract's slack + its rank's measured lag)
+    calls = [(seconds * 1000, seconds - DEADLINES[OP_DEADLINE[method]] / 1000 - SLACK_S - rr.lag, error)
+             for rr in rank_results for method, _t0, seconds, error in rr.calls]
+    lat = [ms for ms, _over, _e in calls]
+    return Row(
+        fault=scenario.name, expect=scenario.expect, detect_ms=min(detect.values(), default=None),
+        served_ms=max(served.values()) if len(served) == ranks else None, healthy_tripped=tripped,
+        p50_ms=percentile(lat, 50), p99_ms=percentile(lat, 99), p999_ms=percentile(lat, 99.9),
+        max_ms=max(lat, default=0.0), bound_ms=max(DEADLINES.values()) + SLACK_S * 1000,
+        lag_ms=max(rr.lag for rr in rank_results) * 1000,
+        over_own_deadline=sum(1 for _ms, over, _e in calls if over > 0),
+        errors=sum(1 for _ms, _over, e in calls if e is not None),
+        bad_pages=sum(it.get("bad_pages", not it["exact"]) for rr in rank_results for it in rr.iterations),
+        dropped_writes=sum((rr.status or {}).get("dropped_writes", 0) for rr in rank_results), calls=len(lat),
+        stress=stressed, served_within_s=scenario.served_within_s, engine="sglang",
+        calls_during_fault=sum(1 for rr in rank_results for _m, t0, _s, _e in rr.calls if window[0] <= t0 <= window[1]),
+    )
+
+
 def markdown(rows: list[Row]) -> str:
     def ms(v: Optional[float]) -> str:
         return "—" if v is None else f"{v:.0f}"
@@ -438,7 +550,8 @@ def markdown(rows: list[Row]) -> str:
              "| errors | bad pages | writes dropped |",
              "|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r.fault} | {r.expect} | {ms(r.detect_ms)} | {ms(r.served_ms)} | {len(r.healthy_tripped)} | "
+        fault = r.fault + (" (SGLang's HiCacheController)" if r.engine == "sglang" else "")
+        lines.append(f"| {fault} | {r.expect} | {ms(r.detect_ms)} | {ms(r.served_ms)} | {len(r.healthy_tripped)} | "
                      f"{r.p50_ms:.1f} / {r.p99_ms:.1f} / {r.p999_ms:.1f} / {r.max_ms:.1f} | {r.errors} | "
                      f"{r.bad_pages} | {r.dropped_writes} |")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ engine is the simulator (``sim``) or SGLang's own HiCacheController in two proce
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -29,6 +30,9 @@ from .lag import SLACK_S, LagProbe
 from .servers import RedisServer, redis_server_path
 
 DEMO_DEADLINES = {"exists": 25, "get": 150, "set": 250}
+# Where the demo also writes its summary as JSON (``HICACHE_HA_DEMO_JSON=out.json make demo``): what a
+# script or a test checks, rather than the printed prose.
+SUMMARY_ENV = "HICACHE_HA_DEMO_JSON"
 
 
 @dataclass
@@ -96,18 +100,25 @@ class DemoResult:
     started: float  # time.monotonic() when the engine started
     snapshots: list[dict] = field(default_factory=list)
     fault_wall: Optional[float] = None  # when the fault was made (time.time())
+    heal_wall: Optional[float] = None  # when it was undone
     events: list = field(default_factory=list)
+    ranks: int = 0
+    engine: str = "sim"
 
-    def after_fault_ms(self, **match) -> list[float]:
-        """Per rank: ms from the fault to the first event matching ``match`` (after the fault)."""
-        if self.fault_wall is None:
-            return []
+    def per_rank_ms(self, since: Optional[float], **match) -> dict[int, float]:
+        """Per rank: ms from ``since`` (a time.time()) to its first event matching ``match`` after it."""
+        if since is None:
+            return {}
         firsts: dict[int, float] = {}
         for e in self.events:
             d = e.to_dict()
-            if e.time >= self.fault_wall and all(d.get(k, e.detail.get(k)) == v for k, v in match.items()):
-                firsts.setdefault(e.rank, (e.time - self.fault_wall) * 1000)
-        return [firsts[r] for r in sorted(firsts)]
+            if e.time >= since and all(d.get(k, e.detail.get(k)) == v for k, v in match.items()):
+                firsts.setdefault(e.rank, (e.time - since) * 1000)
+        return dict(sorted(firsts.items()))
+
+    def after_fault_ms(self, **match) -> list[float]:
+        """Per rank: ms from the fault to the first event matching ``match`` (after the fault)."""
+        return list(self.per_rank_ms(self.fault_wall, **match).values())
 
     def healthy_members_tripped(self) -> list[str]:
         """Members other than the failed primary that went circuit_broken: there should be none."""
@@ -116,6 +127,43 @@ class DemoResult:
 
     def over_bound(self) -> list:
         return [s for s in self.stats.samples if s.seconds * 1000 > self.bound_ms]
+
+    def worst_lag_ms(self, samples: list) -> float:
+        """The longest this process was kept from running while any of ``samples`` ran."""
+        start = self.started
+        return max((self.lag.worst_between(start + s.t - s.seconds, start + s.t) for s in samples),
+                   default=0.0) * 1000
+
+    def summary(self) -> dict:
+        """What the demo showed, as data (written as JSON where ``HICACHE_HA_DEMO_JSON`` says). Per-rank
+        times are ms from the fault (or from its healing), keyed by rank; a rank missing from one did not
+        get there."""
+        st = self.stats
+        over = self.over_bound()
+        return {
+            "engine": self.engine,
+            "ranks": self.ranks,
+            "fault": self.fault_name,
+            "fault_at_s": self.phases[1].start,
+            "healed_at_s": self.phases[1].end,
+            "clean": self.clean,
+            "errors": st.errors_surfaced,
+            "bad_pages": st.verify_failures,
+            "healthy_members_tripped": self.healthy_members_tripped(),
+            "primary_circuit_broken_ms": self.per_rank_ms(self.fault_wall, backend="primary", to="circuit_broken"),
+            "standby_serving_ms": self.per_rank_ms(self.fault_wall, role="active", to="standby"),
+            "primary_healthy_again_ms": self.per_rank_ms(self.heal_wall, backend="primary", to="healthy"),
+            "calls": len(st.samples),
+            "bound_ms": self.bound_ms,
+            "over_bound": len(over),
+            "slowest_ms": max((s.seconds * 1000 for s in st.samples), default=0.0),
+            "lag_while_over_bound_ms": self.worst_lag_ms(over),
+            "requests": st.requests,
+            "pages_requested": st.pages_requested,
+            "pages_hit": st.pages_hit,
+            "pages_written": st.pages_written,
+            "phases": self.phase_rows(),
+        }
 
     @property
     def clean(self) -> bool:
@@ -324,7 +372,7 @@ def run_demo(*, duration: float = 30.0, ranks: int = 2, page_kib: int = 64, engi
                   Phase(fault.healed_name, heal_at, duration)]
         runner.start(lambda started_wall: _event_printer(console, started_wall))
         stats = runner.stats
-        result = DemoResult(stats, phases, bound_ms, fault.name, lag, stats.started)
+        result = DemoResult(stats, phases, bound_ms, fault.name, lag, stats.started, ranks=ranks, engine=engine)
         injected = healed = False
         live = Live(console=console, refresh_per_second=4, transient=False) if console.is_terminal else None
         last_print = 0.0
@@ -340,6 +388,7 @@ def run_demo(*, duration: float = 30.0, ranks: int = 2, page_kib: int = 64, engi
                     console.print(f"[bold yellow]t={now:.1f}s  {what}[/]")
                 if injected and not healed and now >= heal_at:
                     healed = True
+                    result.heal_wall = time.time()
                     console.print(f"[bold green]t={now:.1f}s  {fault.heal()}[/]")
                 phase = next((p for p in phases if p.start <= now < p.end), phases[-1])
                 status = _status(stats, runner.members(), phase.name, bound_ms, phase is phases[1])
@@ -356,6 +405,9 @@ def run_demo(*, duration: float = 30.0, ranks: int = 2, page_kib: int = 64, engi
                 fault.heal()
             result.events, result.lag = runner.finish(lag)
         _summary(console, result)
+        if os.environ.get(SUMMARY_ENV):
+            with open(os.environ[SUMMARY_ENV], "w", encoding="utf-8") as f:
+                json.dump(result.summary(), f, indent=2)
         return result
     finally:
         lag.stop()
@@ -386,14 +438,17 @@ def _summary(console: Console, result: DemoResult) -> None:
                       + ", ".join(f"{ms:.0f} ms" for ms in detect)
                       + "; → standby serving: " + (", ".join(f"{ms:.0f} ms" for ms in serve) or "never")
                       + " (per rank)")
+    if result.heal_wall is not None:
+        healthy = result.per_rank_ms(result.heal_wall, backend="primary", to="healthy").values()
+        console.print(f"{result.phases[-1].name} → primary healthy again: "
+                      + (", ".join(f"{ms:.0f} ms" for ms in healthy) or "not yet") + " (per rank)")
     tripped = result.healthy_members_tripped()
     console.print(f"healthy members tripped: {len(tripped)}" + (f" ({', '.join(tripped)})" if tripped else ""),
                   style="red" if tripped else None)
     over = result.over_bound()
     if over:
         worst = max(over, key=lambda s: s.seconds)
-        start = result.started
-        lag_ms = max(result.lag.worst_between(start + s.t - s.seconds, start + s.t) for s in over) * 1000
+        lag_ms = result.worst_lag_ms(over)
         console.print(
             f"[yellow]{len(over)} of {len(st.samples)} calls took longer than the bound ({result.bound_ms:.0f} ms = "
             f"deadline + 20 ms); the slowest {worst.seconds * 1000:.1f} ms, {worst.seconds * 1000 - result.bound_ms:.1f} ms "
