@@ -56,11 +56,14 @@ class Deployment:
         self.controller.kill()
         self.controller.wait(10)
 
+    def start_rank(self, r, env=None) -> subprocess.Popen:
+        spec = {"rank": r, "tp_size": RANKS, "ha": self.ha, "out": str(self.tmp / f"rank{r}.json")}
+        env = {**self.env, "RANK_SPEC": json.dumps(spec), **(env or {})}
+        return subprocess.Popen([sys.executable, "-m", "tests.control.rank_proc"], env=env, cwd=ROOT)
+
     def start_ranks(self, overrides=None):
         for r in range(RANKS):
-            spec = {"rank": r, "tp_size": RANKS, "ha": self.ha, "out": str(self.tmp / f"rank{r}.json")}
-            env = {**self.env, "RANK_SPEC": json.dumps(spec), **(overrides or {}).get(r, {})}
-            self.ranks.append(subprocess.Popen([sys.executable, "-m", "tests.control.rank_proc"], env=env, cwd=ROOT))
+            self.ranks.append(self.start_rank(r, (overrides or {}).get(r)))
         wait_for(lambda: len([x for x in self.client.status()["ranks"] if x["alive"]]) == RANKS, timeout=90,
                  what="4 ranks to register")
 

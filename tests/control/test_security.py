@@ -168,3 +168,79 @@ def test_ranks_refuse_a_controller_whose_lease_was_taken_over(cluster):
     assert r.status_code == 503 and [f["rank"] for f in r.json()["failed"]] == [0]
     assert "older than" in r.json()["failed"][0]["reason"]
     assert c.epochs() == {(1, "primary")}
+
+
+def replies_of(ghost, want: int, timeout: float = 10.0) -> dict:
+    """Read what ranks send a controller until ``want`` command replies came: {(rank, op id): reply}."""
+    out, deadline = {}, time.monotonic() + timeout
+    while len(out) < want and time.monotonic() < deadline:
+        got = ghost.receive(0.2)
+        if got is not None and got[1].get("type") == "reply":
+            out[(got[1]["rank"], got[1]["id"])] = got[1]
+    return out
+
+
+def ghost_of_the_old_leader(c, fence):
+    """The old leader back on the agent port (it holds the real controller keys: it was a real controller,
+    paused or partitioned while its successor led): it waits for every rank, then commands each with
+    its old fencing token. Returns the replies."""
+    ghost = ForgedController(endpoint(c), KEYS.controller_public, KEYS.controller_secret)
+    try:
+        heard, deadline = set(), time.monotonic() + 10
+        while len(heard) < 4:
+            assert time.monotonic() < deadline, f"ranks heard: {sorted(heard)}"
+            got = ghost.receive(0.2)
+            if got is not None and got[1].get("type") == "heartbeat":
+                heard.add(got[0])
+        sent = 0
+        for r in range(4):
+            for op, args in (("prepare", {"token": "t", "backend": "standby"}),
+                             ("commit", {"token": "t", "epoch": 99, "force": True}),
+                             ("detach", {"epoch": 99, "force": True})):
+                ghost.send(f"rank-{r}".encode(), {"type": "command", "id": f"{r}-{op}", "op": op, "args": args,
+                                                  "fence": fence, "deployment": "default"})
+                sent += 1
+        return replies_of(ghost, sent)
+    finally:
+        ghost.close()
+
+
+def test_once_ranks_heard_a_new_leader_the_old_one_is_refused_even_before_the_new_one_commands(cluster):
+    """The leader is replaced (its lease taken over); its successor has not sent a single command yet,
+    only acknowledged the ranks' heartbeats. The old leader comes back on the agent port with the real
+    keys and its old token: every command it sends is refused and no rank moves."""
+    c = cluster
+    old = c.controller.fence
+    c.controller.close()
+    c.start_controller()
+    new = c.controller.fence
+    assert new > old
+    wait_for(lambda: all(a.max_fence == new for a in c.agents), timeout=10,
+             what="every rank to hear the new leader's token in its heartbeats' acks")
+    c.controller.close()
+    replies = ghost_of_the_old_leader(c, old)
+    assert len(replies) == 12, sorted(replies)
+    assert all(not rep["ok"] and rep["status"] == 409 and f"fencing token {old} is older than {new}" in rep["error"]
+               for rep in replies.values()), list(replies.values())
+    assert c.epochs() == {(1, "primary")}
+    assert all(not a._prepared for a in c.agents)
+
+
+def test_ranks_refuse_a_commit_or_detach_to_an_epoch_older_than_one_they_were_moved_to(cluster):
+    """Even from the leader (its token is current): a commit or detach to an epoch older than the one a
+    controller moved the rank to is refused, so a stale desired state cannot pull ranks back."""
+    c = cluster
+    r = c.client.put("/hicache/storage-backend", json={"backend": "standby"}, headers=AUTH)
+    assert r.status_code == 200 and c.epochs() == {(2, "standby")}
+    ranks = [0, 1, 2, 3]
+    assert all(rep and rep["ok"] for rep in c.controller.call(ranks, "prepare", {"token": "old", "backend": "primary"},
+                                                              5).values())
+    for op, args in (("commit", {"token": "old", "epoch": 1, "force": True}), ("detach", {"epoch": 1, "force": True})):
+        replies = c.controller.call(ranks, op, args, 5)
+        assert all(rep and not rep["ok"] and rep["status"] == 409 and "epoch 1 is older than 2" in rep["error"]
+                   for rep in replies.values()), (op, replies)
+        assert c.epochs() == {(2, "standby")}
+    c.controller.call(ranks, "abort", {"token": "old"}, 5)
+    # The same leader moving them forward is obeyed.
+    r = c.client.put("/hicache/storage-backend", json={"backend": "primary"}, headers=AUTH)
+    assert r.status_code == 200 and c.epochs() == {(3, "primary")}

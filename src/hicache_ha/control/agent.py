@@ -2,13 +2,14 @@
 executes prepare / commit / abort / restore / detach / remove on this rank's BackendManager.
 
 It only talks to a controller that proves it holds the deployment's controller key (CURVE), and it
-refuses a command whose fencing token is older than one it has seen (a controller that lost its lease),
-a commit or detach to an epoch older than one a controller already moved it to, and a spec attached
-over the API that names a type outside the allow-list or a path outside the attach roots. A switch
-prepared and never committed expires. The data plane never waits on the agent: commands run on the
-agent's own thread, and the only hook into the data plane is the failover handler, which sends a
-message and returns at once. When the controller does not move the whole group in time (or cannot be
-reached), the rank fails over alone; it fails back only through the controller, so ranks never diverge.
+refuses a command whose fencing token is older than one it has seen, in a command or in the ack of a
+heartbeat (a controller that lost its lease), a commit or detach to an epoch older than one a
+controller already moved it to, and a spec attached over the API that names a type outside the
+allow-list or a path outside the attach roots. A switch prepared and never committed expires. The
+data plane never waits on the agent: commands run on the agent's own thread, and the only hook into
+the data plane is the failover handler, which sends a message and returns at once. When the
+controller does not move the whole group in time (or cannot be reached), the rank fails over alone;
+it fails back only through the controller, so ranks never diverge.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class Agent:
         self.prepare_ttl_s = prepare_ttl_s
         self.attach_roots = list(attach_roots or [])
         self.last_heard: Optional[float] = None
-        self.max_fence = 0  # the newest controller leadership seen
+        self.max_fence = 0  # the newest controller leadership seen (in a command or a heartbeat's ack)
+        self._fence_lock = threading.Lock()
         self.max_epoch = 0  # the newest epoch a controller moved this rank to
         self._prepared: dict[str, tuple] = {}  # token -> (Prepared, expires at)
         self._commands: SimpleQueue = SimpleQueue()
@@ -69,6 +71,11 @@ class Agent:
         self.last_heard = time.monotonic()
         if msg.get("type") == "command":
             self._commands.put(msg)
+        elif msg.get("type") == "ack" and isinstance(msg.get("fence"), int):
+            # A leader's acknowledgement carries its fencing token: once a rank has heard a new leader,
+            # the one it replaced (paused, partitioned, or a ghost of a killed process) is refused, even
+            # if the new leader has not commanded anything yet.
+            self._saw_fence(msg["fence"])
 
     def _hello(self, kind: str) -> dict:
         events = []
@@ -111,13 +118,18 @@ class Agent:
             reply["status_now"] = self.manager.status()
             self.channel.send(reply)
 
+    def _saw_fence(self, fence: int) -> None:
+        with self._fence_lock:
+            self.max_fence = max(self.max_fence, fence)
+
     def _check_fence(self, fence) -> None:
         if not isinstance(fence, int):
             raise StaleCommand(f"rank {self.rank}: a command without a fencing token")
-        if fence < self.max_fence:
-            raise StaleCommand(f"rank {self.rank}: fencing token {fence} is older than {self.max_fence} "
-                               "(that controller is no longer the leader)")
-        self.max_fence = fence
+        with self._fence_lock:
+            if fence < self.max_fence:
+                raise StaleCommand(f"rank {self.rank}: fencing token {fence} is older than {self.max_fence} "
+                                   "(that controller is no longer the leader)")
+            self.max_fence = fence
 
     def _check_epoch(self, epoch) -> None:
         if isinstance(epoch, int) and epoch < self.max_epoch:
