@@ -174,6 +174,21 @@ def test_an_unanswered_ping_is_a_failure_once_its_timeout_passes_on_the_injected
     assert rank.moves == [("standby", "failover")]  # make-before-break: the standby was probed
 
 
+def test_time_the_process_was_kept_from_running_is_not_held_against_a_ping(world):
+    """On a host whose cores are all busy, the supervisor wakes late, and so does a ping's worker: a ping
+    gets its whole timeout of running time. A hung backend is still found, once the process runs."""
+    clock, make = world
+    rank, sup, m = make()
+    primary = m["primary"]
+    primary.backend.hung.set()
+    for _ in range(50):  # 0.5 s in which every 10 ms step came 9 ms late: 50 ms of running time
+        sup.note_lateness(clock.now, 0.009)
+        run(sup, clock, 0.01)
+    assert primary.state == HEALTHY and rank.moves == []  # unanswered, but for less than 100 ms of running time
+    run(sup, clock, 0.3)  # the process runs again
+    assert primary.state == CIRCUIT_BROKEN and rank.moves == [("standby", "failover")]
+
+
 def test_a_check_that_never_reached_the_backend_is_not_news_about_it(world):
     clock, make = world
     rank, sup, m = make()

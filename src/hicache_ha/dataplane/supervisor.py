@@ -34,6 +34,9 @@ MAX_PINGS_OUT = 3
 # a burst of big transfers) must not keep timeouts long, and so detection slow, once it is over.
 RTT_MEMORY_S = 10.0
 BUSY_RECHECK_S = 0.01  # a ping waiting behind a running engine call is looked at again this often
+# How long the supervisor's own late wake-ups are remembered: the measure of how long this process was
+# kept from running (a host whose cores are all busy), which a check's timeout is not held against.
+LATENESS_MEMORY_S = 30.0
 
 
 class SupervisedRank(Protocol):
@@ -58,6 +61,7 @@ class Check:
     started: float
     timeout: float
     generation: int = 0  # the breaker generation a ping was sent in
+    credited: float = 0.0  # time this process was kept from running while the check waited, added to its timeout
 
 
 class Supervisor:
@@ -77,6 +81,8 @@ class Supervisor:
         self.ping_seq = 0
         self.ping_rtts: dict[str, deque] = {}  # (when, duration) of recent good pings, per member
         self.no_target_reported = False
+        self.lateness: deque[tuple[float, float]] = deque(maxlen=1024)  # (when, seconds late) of its wake-ups
+        self._asked_at: Optional[float] = None  # when a wake-up was first asked for since the last one
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -87,6 +93,8 @@ class Supervisor:
         return self
 
     def wake(self) -> None:
+        if self._asked_at is None:
+            self._asked_at = self.clock()
         self._wake.set()
 
     def stop(self) -> None:
@@ -104,8 +112,25 @@ class Supervisor:
                 sleep = self.step()
             except Exception:  # the supervisor must outlive any bug in one step
                 log.exception("hicache-ha: supervisor step failed")
-            self._wake.wait(min(self.max_sleep_s, max(0.001, sleep)))
+            wait = min(self.max_sleep_s, max(0.001, sleep))
+            began = self.clock()
+            self._wake.wait(wait)
+            woke = self.clock()
+            asked, self._asked_at = self._asked_at, None
             self._wake.clear()
+            # It should have run at the end of its wait, or when a wake-up was asked for: anything later
+            # is time this process was kept from running (busy cores, a GIL held elsewhere).
+            self.note_lateness(woke, woke - max(began, min(began + wait, asked if asked is not None else woke)))
+
+    def note_lateness(self, at: float, late: float) -> None:
+        if late > 0.0005:
+            self.lateness.append((at, late))
+
+    def starved_since(self, t: float) -> float:
+        """How long this process was kept from running since ``t``, as the supervisor's own late
+        wake-ups measure it."""
+        horizon = self.clock() - LATENESS_MEMORY_S
+        return sum(late for at, late in self.lateness if at > t and at >= horizon)
 
     # -- one step -----------------------------------------------------------------------------------
     def step(self) -> float:
@@ -184,6 +209,15 @@ class Supervisor:
             call = check.call
             if call is not None and not call.finished and now - check.started < check.timeout:
                 continue
+            if call is not None and not call.finished:
+                # A check gets its whole timeout of running time: while this process was kept from running,
+                # its worker (and the answer's reader) most likely was too, so that time is added to it.
+                starved = self.starved_since(check.started)
+                if starved > check.credited:
+                    check.timeout += starved - check.credited
+                    check.credited = starved
+                    if now - check.started < check.timeout:
+                        continue
             if (check.kind == "ping" and call is not None and not call.finished
                     and check.member.busy_before(check.started, now, RTT_MEMORY_S)):
                 # Likely queued behind a big engine call: judged once that call answers (busy, not
