@@ -53,9 +53,10 @@ redis-server:
 
 # What the tests use besides redis: promtool (alert rule tests), headless Chromium (status page), kubectl
 # (renders deploy/kubernetes with its built-in kustomize), openssl (TLS certificates), and for the chaos
-# suite stress-ng (busy CPUs), iproute2 and iptables (a blackholed host in a network namespace).
+# suite stress-ng (busy CPUs), iproute2 and iptables (a blackholed host in a network namespace); etcd, where
+# Mooncake masters in HA mode elect their leader.
 test-tools:
-	$(call need_debs,redis-server=redis-server promtool=prometheus chromium=chromium kubectl=kubernetes-client stress-ng=stress-ng ip=iproute2 iptables=iptables openssl=openssl)
+	$(call need_debs,redis-server=redis-server promtool=prometheus chromium=chromium kubectl=kubernetes-client stress-ng=stress-ng ip=iproute2 iptables=iptables openssl=openssl etcd=etcd-server)
 
 demo: $(BASE) redis-server
 	$(VENV)/bin/hicache-ha demo

@@ -38,6 +38,7 @@ def test_per_key_answers_fold_to_one_flag_per_page_and_stop_at_the_first_miss():
 
 @pytest.mark.parametrize("extra,message", [
     ({"master_server_address": "nohost"}, "master_server_address must be 'host:port'"),
+    ({"master_server_address": "etcd://nohost;h:1"}, "or a master cluster in HA mode"),
     ({"global_segment_size": "4 tb"}, "global_segment_size must be bytes"),
     ({"master_server_adress": "h:1"}, "unknown key 'master_server_adress'"),
 ])
@@ -54,5 +55,8 @@ def test_sglangs_own_keys_and_free_form_backends_pass():
         {"name": "n", "type": "sglang", "backend": "nixl", "extra_config": {"plugin": {"posix": {"active": True}}}},
     ]})
     assert doc.backends[0].extra_config["global_segment_size"] == "4gb"
+    for ha_entry in ("etcd://10.0.0.1:2379;10.0.0.2:2379", "redis://10.0.0.1:6379"):  # masters in HA mode
+        parse({"backends": [{"name": "m", "type": "sglang", "backend": "mooncake",
+                             "extra_config": {"master_server_address": ha_entry}}]})
     with pytest.raises(ConfigError, match="endpoint is required"):
         parse({"backends": [{"name": "s", "type": "sglang", "backend": "seaweedfs", "extra_config": {}}]})

@@ -6,6 +6,7 @@ port, as ``RedisServer`` can."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -101,28 +102,66 @@ class MooncakeMaster(ServerProcess):
 
     name = "mooncake-master"
 
-    def __init__(self, port: Optional[int] = None, lease_ms: Optional[int] = None) -> None:
+    def __init__(self, port: Optional[int] = None, lease_ms: Optional[int] = None,
+                 etcd: Optional["Etcd"] = None) -> None:
         super().__init__(port)
         self.metrics_port = free_port()
         self.lease_ms = lease_ms  # how long an object read or written stays undeletable (Mooncake: 5 s)
+        self.etcd = etcd  # HA mode: masters elect a leader through etcd; clients find it there
         if venv_tool("mooncake_master") is None:
             raise RuntimeError("mooncake_master is missing: pip install mooncake-transfer-engine-non-cuda "
                                "(make test installs it)")
 
     def command(self) -> list[str]:
+        ha = ["--enable_ha=true", "--ha_backend_type=etcd", f"--etcd_endpoints={self.etcd.endpoint}",
+              "--client_ttl=2"] if self.etcd is not None else []
         return [venv_tool("mooncake_master"), "--rpc_address=127.0.0.1", f"--rpc_port={self.port}",
-                "--metrics_host=127.0.0.1", f"--metrics_port={self.metrics_port}",
+                "--metrics_host=127.0.0.1", f"--metrics_port={self.metrics_port}", *ha,
                 *([f"--default_kv_lease_ttl={self.lease_ms}"] if self.lease_ms is not None else [])]
+
+    def ready(self) -> bool:
+        """In HA mode a master opens its RPC port only once it leads: it is up once it joined the election."""
+        return bool(self.state) if self.etcd is not None else super().ready()
+
+    @property
+    def state(self) -> str:
+        """HA mode: the runtime state the master last logged (``serving`` once it leads)."""
+        states = re.findall(r"Master runtime state -> (\w+)", self.log.read_text(errors="replace"))
+        return states[-1] if states else ""
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """Where clients find the master: its RPC port, or (HA mode) the etcd cluster holding the leader."""
+        return f"etcd://{self.etcd.endpoint}" if self.etcd is not None else f"{self.host}:{self.port}"
 
     def extra_config(self, segment_mib: int = 64) -> dict:
         """SGLang's MooncakeStore settings for this master on a CPU host (TCP, no RDMA device)."""
         return {"master_server_address": self.address, "metadata_server": "P2PHANDSHAKE", "protocol": "tcp",
                 "device_name": "", "local_hostname": "127.0.0.1", "global_segment_size": segment_mib * 2**20,
                 "check_server": False}
+
+
+class Etcd(ServerProcess):
+    """A one-member etcd (Debian's ``etcd-server``) on loopback: where Mooncake masters in HA mode elect
+    their leader and publish it to clients."""
+
+    name = "etcd"
+
+    def __init__(self, port: Optional[int] = None) -> None:
+        super().__init__(port)
+        self.peer_port = free_port()
+        if shutil.which("etcd") is None:
+            raise RuntimeError("etcd is missing: apt-get install etcd-server (make test installs it)")
+
+    def command(self) -> list[str]:
+        client, peer = f"http://{self.host}:{self.port}", f"http://{self.host}:{self.peer_port}"
+        return ["etcd", "--data-dir", str(Path(self.dir) / "data"), "--listen-client-urls", client,
+                "--advertise-client-urls", client, "--listen-peer-urls", peer,
+                "--initial-advertise-peer-urls", peer, "--initial-cluster", f"default={peer}"]
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 class Hf3fsMetadataServer(ServerProcess):

@@ -94,13 +94,26 @@ MOONCAKE_KEYS = frozenset({
 
 
 def _host_port(value: Any) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"[^\s:]+:\d{1,5}", value) is not None
+    return isinstance(value, str) and re.fullmatch(r"[^\s:;/]+:\d{1,5}", value) is not None
+
+
+def _master_entry(value: Any) -> Optional[list[str]]:
+    """The endpoints a Mooncake client first reaches for this master entry: the master itself
+    (``host:port``), or in HA mode the cluster that holds the leader (``etcd://h:p;h:p``,
+    ``redis://h:p``); None if it is neither."""
+    if _host_port(value):
+        return [value]
+    m = re.fullmatch(r"(etcd|redis)://([^\s]+)", value) if isinstance(value, str) else None
+    endpoints = m.group(2).split(";") if m else []
+    return endpoints if endpoints and all(_host_port(e) for e in endpoints) else None
 
 
 def _check_mooncake(extra: dict) -> Optional[str]:
-    for key in ("master_server_address", "client_server_address"):
-        if key in extra and not _host_port(extra[key]):
-            return f"{key} must be 'host:port', got {extra[key]!r}"
+    if "master_server_address" in extra and _master_entry(extra["master_server_address"]) is None:
+        return ("master_server_address must be 'host:port', or a master cluster in HA mode "
+                f"('etcd://host:port[;host:port...]', 'redis://host:port'), got {extra['master_server_address']!r}")
+    if "client_server_address" in extra and not _host_port(extra["client_server_address"]):
+        return f"client_server_address must be 'host:port', got {extra['client_server_address']!r}"
     size = extra.get("global_segment_size")
     if size is not None and not (isinstance(size, int) or (isinstance(size, str)
                                                           and re.fullmatch(r"\s*\d+\s*(gb)?\s*", size.lower()))):
@@ -108,15 +121,16 @@ def _check_mooncake(extra: dict) -> Optional[str]:
     return None
 
 
+# os._exit: in HA mode the client's destructor waits on its etcd watch for ever; the answer is all we need.
 _PREFLIGHT = r"""
-import json, sys
+import json, os, sys
 from mooncake.store import MooncakeDistributedStore
 c = json.loads(sys.argv[1])
 store = MooncakeDistributedStore()
 rc = store.setup(c["local_hostname"], c["metadata_server"], 0, 16 * 2**20, c["protocol"], c["device_name"],
                  c["master_server_address"])
 print("setup", rc, flush=True)
-sys.exit(0 if rc == 0 else 3)
+os._exit(0 if rc == 0 else 3)
 """
 
 
@@ -139,11 +153,17 @@ def _preflight_mooncake(storage_config: Any, timeout_s: float) -> None:
     cfg = mooncake_config(storage_config)
     if cfg.standalone_storage:
         return  # talks to a local client process, not to the master
-    host, _, port = str(cfg.master_server_address).rpartition(":")
-    try:  # a master that is not there fails at once; one that accepts but never answers needs the child
-        socket.create_connection((host, int(port)), timeout=min(1.0, timeout_s)).close()
-    except (OSError, ValueError) as exc:
-        raise BackendUnavailable(f"mooncake: the master at {cfg.master_server_address} is unreachable ({exc})") from None
+    errors = []
+    for endpoint in _master_entry(str(cfg.master_server_address)) or [str(cfg.master_server_address)]:
+        host, _, port = endpoint.rpartition(":")
+        try:  # a master that is not there fails at once; one that accepts but never answers needs the child
+            socket.create_connection((host, int(port)), timeout=min(1.0, timeout_s)).close()
+            break
+        except (OSError, ValueError) as exc:
+            errors.append(f"{endpoint}: {exc}")
+    else:
+        raise BackendUnavailable(f"mooncake: the master at {cfg.master_server_address} is unreachable "
+                                 f"({'; '.join(errors)})") from None
     args = json.dumps({"local_hostname": cfg.local_hostname, "metadata_server": cfg.metadata_server,
                        "protocol": cfg.protocol, "device_name": cfg.device_name if not
                        str(cfg.device_name).strip().startswith("{") else "",
