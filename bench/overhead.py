@@ -251,7 +251,7 @@ def run_case(member: str, page_kib: int, rounds: int, servers: dict, workdir: st
         random.shuffle(order)
         for name in order:
             impl = impls[name]
-            keys = [f"r{rnd}-{name}-{i}" for i in range(BATCH)]
+            keys = [f"p{page_kib}-r{rnd}-{name}-{i}" for i in range(BATCH)]  # unique across cases on one store
             t0 = time.perf_counter()
             impl.set(keys, src)
             t1 = time.perf_counter()
