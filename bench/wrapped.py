@@ -40,13 +40,13 @@ def main() -> None:
     Path(args.json).write_text(json.dumps(rows, indent=2))
     load = "stress-ng on every core" if args.stress else "no extra load"
     print(f"\n{load}\n| backend | frozen s | → standby ms | calls while frozen | p99 / max ms | over bound | "
-          "exceptions | wrong pages | requests fully served | restart → healthy s |")
+          "exceptions | wrong pages | requests fully served | restart → healthy s (server up → healthy) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind in wrapped_faults.FAULTS:
         r = rows[kind]
         print(f"| {kind} | {r['freeze_s']} | {r['to_standby_ms']} | {r['calls_while_frozen']} | {r['call_p99_ms']} / "
               f"{r['call_max_ms']} | {r['over_bound']} | {r['exceptions']} | {r['wrong_pages']} | "
-              f"{r['full_hits_while_frozen']:.1%} | {r['restart_to_healthy_s']} |")
+              f"{r['full_hits_while_frozen']:.1%} | {r['restart_to_healthy_s']} ({r['up_to_healthy_s']}) |")
     late = rows[wrapped_faults.LATE]
     print(f"\nMooncake master down at start-up for {late['down_s']} s: {late['iterations_while_down']} requests "
           f"served meanwhile (misses), {late['dropped_pages']} pages dropped and counted, {late['exceptions']} "

@@ -37,3 +37,9 @@ def test_failover_runs_hicache_ha_and_the_baseline_side_by_side(tmp_path):
     rows = _bench(tmp_path, "failover.py", "--trials", "1", "--baseline-trials", "1", "--engines", "sim")
     assert set(rows) == {f"sim {who}/{fault}" for who in ("hicache-ha", "baseline") for fault in ("kill", "hang")}
     assert all(rows[f"sim hicache-ha/{f}"]["trials"] == 1 for f in ("kill", "hang"))
+
+
+def test_failover_on_sglangs_own_controller_runs_both_sides(tmp_path):
+    rows = _bench(tmp_path, "failover.py", "--sglang-trials", "1", "--baseline-trials", "1", "--engines", "sglang")
+    assert set(rows) == {f"sglang {who}/{fault}" for who in ("hicache-ha", "baseline") for fault in ("kill", "hang")}
+    assert all(rows[f"sglang hicache-ha/{f}"]["trials"] == 1 for f in ("kill", "hang"))

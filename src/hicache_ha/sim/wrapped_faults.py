@@ -152,6 +152,7 @@ def run(*, freeze_scale: float = 1.0, log=lambda _m: None) -> Run:
                     t["restart"], t["restart_wall"] = time.monotonic(), time.time()
                     server.kill()
                     server.start()
+                    t["up_wall"] = time.time()  # 3FS's metadata server imports SGLang: seconds to start
                     t["recovered"] = live.wait(spec.name, t["restart_wall"], recover_s, backend="primary",
                                                to="healthy")
                     live.pump(2.0)
@@ -191,6 +192,7 @@ def summary(r: Run) -> dict:
             "wrong_pages": sum(1 for rr in ranks for it in rr.iterations if not it["exact"]),
             "full_hits_while_frozen": round(sum(it["loaded"] == it["tokens"] for it in during) / max(1, len(during)), 3),
             "restart_to_healthy_s": round(r.both(kind, t["restart_wall"], backend="primary", to="healthy"), 2),
+            "up_to_healthy_s": round(r.both(kind, t["up_wall"], backend="primary", to="healthy"), 2),
             "lag_ms": round(max(rr.lag for rr in ranks) * 1000),
         }
     t = r.timeline[LATE]
