@@ -14,7 +14,6 @@ rank processes (``run_sglang``: TP = 2 over gloo, HAStorage built by SGLang's fa
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -24,16 +23,22 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..dataplane import BackendManager, Layout
+from .chaos_faults import (SCENARIOS, Blackhole, ConnectionResets, DiskFull, DiskReadOnly, ErrorBurst, Flapping,
+                           LossyLink, Scenario, SentinelPromotion, SigKill, SigStop, SlowLink)
+from .chaos_report import Row, markdown, to_json
 from .engine import Simulation, percentile
 from .lag import SLACK_S, LagProbe
-from .netns import NetnsHost
-from .proxy import FaultProxy
-from .servers import RedisServer, SentinelCluster
 from .workload import Workload
+
+# The scenarios (``chaos_faults``) and the report (``chaos_report``) are importable from here too.
+__all__ = ["DEADLINES", "LONG", "PAGE", "SCENARIOS", "SGLANG_SCENARIOS", "SHORT", "Blackhole", "ConnectionResets",
+           "DiskFull", "DiskReadOnly", "ErrorBurst", "Flapping", "LossyLink", "Profile", "Row", "Scenario",
+           "SentinelPromotion", "SigKill", "SigStop", "SlowLink", "Stress", "markdown", "run_scenario", "run_sglang",
+           "to_json"]
 
 DEADLINES = {"exists": 50, "get": 300, "set": 500}
 PAGE = 16 * 1024
@@ -48,302 +53,6 @@ class Profile:
 
 SHORT = Profile(steady_s=1.5, fault_s=3.0, after_s=2.0)
 LONG = Profile(steady_s=5.0, fault_s=20.0, after_s=10.0)
-
-
-@dataclass
-class Row:
-    """What one scenario did to the engine. Times in ms from the fault; None: it did not happen."""
-
-    fault: str
-    expect: str
-    detect_ms: Optional[float]
-    served_ms: Optional[float]
-    healthy_tripped: list[str]
-    p50_ms: float
-    p99_ms: float
-    p999_ms: float
-    max_ms: float
-    bound_ms: float
-    lag_ms: float  # the longest this process was kept from running while the scenario ran
-    over_own_deadline: int  # calls over their own op's deadline + slack + the measured lag
-    errors: int
-    bad_pages: int
-    dropped_writes: int
-    calls: int
-    stress: bool
-    served_within_s: float = 2.0
-    engine: str = "sim"  # sim: the simulator's ranks; sglang: SGLang's own HiCacheController
-    calls_during_fault: Optional[int] = None  # storage calls the engine made while the fault lasted
-
-    def problems(self) -> list[str]:
-        """What breaks the promises: errors, wrong pages, healthy members tripped, a rank not served
-        again in time, calls slower than the bound beyond what the machine's own lag explains."""
-        served_within_s = self.served_within_s
-        out = []
-        if self.errors:
-            out.append(f"{self.errors} errors reached the engine")
-        if self.bad_pages:
-            out.append(f"{self.bad_pages} pages failed verification")
-        if self.healthy_tripped:
-            out.append(f"healthy members tripped: {self.healthy_tripped}")
-        if self.expect in ("failover", "cluster") and (self.served_ms is None or self.served_ms > served_within_s * 1000):
-            out.append(f"not served again within {served_within_s} s (served_ms={self.served_ms})")
-        if self.p99_ms > self.bound_ms:
-            out.append(f"p99 {self.p99_ms:.1f} ms over the bound {self.bound_ms:.0f} ms")
-        if self.over_own_deadline:
-            out.append(f"{self.over_own_deadline} calls over their own deadline + {SLACK_S * 1000:.0f} ms + the "
-                       f"measured lag ({self.lag_ms:.0f} ms)")
-        if self.max_ms > self.bound_ms + self.lag_ms:
-            out.append(f"max {self.max_ms:.1f} ms over the bound plus the measured lag ({self.lag_ms:.0f} ms)")
-        return out
-
-
-class Scenario:
-    """One fault on the primary. ``expect``: ``failover`` (the standby serves), ``cluster`` (another
-    instance of the primary's cluster serves), or ``any`` (a partial fault, after which staying or
-    moving are both right; only the engine's view is judged)."""
-
-    name = "scenario"
-    expect = "failover"
-    faulty = "primary"  # the member the fault is made on; any other member tripping is a false trip
-    served_within_s = 2.0  # every rank served again (by the standby, or its cluster) this soon
-
-    def __init__(self, workdir: str) -> None:
-        self.workdir = workdir
-
-    def members(self) -> list[dict]:
-        """Start what the scenario needs; return the backend sections (primary first)."""
-        raise NotImplementedError
-
-    def config(self) -> dict:
-        return {}
-
-    def inject(self) -> None:
-        raise NotImplementedError
-
-    def heal(self) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def file_standby(self) -> dict:
-        return {"name": "standby", "type": "file", "path": os.path.join(self.workdir, "standby")}
-
-
-class _RedisPrimary(Scenario):
-    def members(self) -> list[dict]:
-        self.server = RedisServer().start()
-        return [{"name": "primary", "type": "redis", "url": self.server.url, "socket_timeout_ms": 1000},
-                self.file_standby()]
-
-    def close(self) -> None:
-        self.server.close()
-
-
-class SigKill(_RedisPrimary):
-    name = "SIGKILL"
-
-    def inject(self) -> None:
-        self.server.kill()
-
-    def heal(self) -> None:
-        self.server.start()
-
-
-class SigStop(_RedisPrimary):
-    name = "SIGSTOP"
-
-    def inject(self) -> None:
-        self.server.freeze()
-
-    def heal(self) -> None:
-        self.server.thaw()
-
-
-class ErrorBurst(_RedisPrimary):
-    """Every command refused (the server starts asking for a password it was never given)."""
-
-    name = "error burst (NOAUTH)"
-
-    def inject(self) -> None:
-        with self.server.client() as c:
-            c.config_set("requirepass", "chaos")
-            c.client_kill_filter(_type="normal", skipme=True)  # open connections would stay authenticated
-
-    def heal(self) -> None:
-        with self.server.client(password="chaos") as c:
-            c.config_set("requirepass", "")
-
-
-class Flapping(_RedisPrimary):
-    """The primary goes down and comes back every ``period`` seconds while the fault lasts."""
-
-    name = "flapping (down/up every 1 s)"
-    period = 1.0
-
-    def inject(self) -> None:
-        self._stop = threading.Event()
-
-        def flap() -> None:
-            while not self._stop.is_set():
-                self.server.kill()
-                if self._stop.wait(self.period):
-                    break
-                self.server.start()
-                self._stop.wait(self.period)
-
-        self._thread = threading.Thread(target=flap, name="chaos-flap", daemon=True)
-        self._thread.start()
-
-    def heal(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        if self.server.proc is None or self.server.proc.poll() is not None:
-            self.server.start()
-
-
-class _ProxiedPrimary(Scenario):
-    def members(self) -> list[dict]:
-        self.server = RedisServer().start()
-        self.proxy = FaultProxy("127.0.0.1", self.server.port).start()
-        return [{"name": "primary", "type": "redis", "url": f"redis://{self.proxy.address}/0",
-                 "socket_timeout_ms": 1000}, self.file_standby()]
-
-    def heal(self) -> None:
-        self.proxy.set("pass")
-
-    def close(self) -> None:
-        self.proxy.close()
-        self.server.close()
-
-
-class SlowLink(_ProxiedPrimary):
-    name = "slow link (+300 ms each way)"
-
-    def inject(self) -> None:
-        self.proxy.set("latency", delay=0.3)
-
-
-class LossyLink(_ProxiedPrimary):
-    """Packet loss as TCP shows it: 20 % of the chunks stall for a 400 ms retransmission timeout."""
-
-    name = "lossy link (20 % stalls of 400 ms)"
-    expect = "any"
-
-    def inject(self) -> None:
-        self.proxy.set("lossy", loss=0.2, stall=0.4)
-
-
-class ConnectionResets(_ProxiedPrimary):
-    name = "connection resets"
-
-    def inject(self) -> None:
-        self.proxy.set("reset")
-
-
-class Blackhole(Scenario):
-    """The primary on another (virtual) host; a firewall there drops every packet to it."""
-
-    name = "network blackhole (iptables DROP)"
-
-    def members(self) -> list[dict]:
-        self.host = NetnsHost().start()
-        self.server = RedisServer(host=self.host.host, launcher=self.host.launcher).start()
-        return [{"name": "primary", "type": "redis", "url": self.server.url, "socket_timeout_ms": 1000,
-                 "connect_timeout_ms": 200}, self.file_standby()]
-
-    def inject(self) -> None:
-        self.host.blackhole(self.server.port)
-
-    def heal(self) -> None:
-        self.host.restore(self.server.port)
-
-    def close(self) -> None:
-        self.server.close()
-        self.host.close()
-
-
-class _TmpfsPrimary(Scenario):
-    """A file primary on a small tmpfs of its own (its capacity set below the disk's size, as an operator
-    would); the standby is a redis-server. Whether the primary trips depends on how much of the traffic
-    fails: reads are still served, so either way is right, as long as nothing reaches the engine."""
-
-    expect = "any"
-    size = 64 << 20
-
-    def members(self) -> list[dict]:
-        self.mount = os.path.join(self.workdir, "disk")
-        os.makedirs(self.mount)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size}", "tmpfs", self.mount], check=True,
-                       capture_output=True)
-        self.server = RedisServer().start()
-        return [{"name": "primary", "type": "file", "path": os.path.join(self.mount, "pages"),
-                 "capacity_bytes": self.size * 3 // 4},
-                {"name": "standby", "type": "redis", "url": self.server.url}]
-
-    def close(self) -> None:
-        subprocess.run(["umount", "-l", self.mount], capture_output=True)
-        self.server.close()
-
-
-class DiskFull(_TmpfsPrimary):
-    """Every byte of the disk taken: writes fail (ENOSPC), pages already there are still read."""
-
-    name = "disk full (ENOSPC)"
-
-    def inject(self) -> None:
-        self.filler = os.path.join(self.mount, "filler")
-        with open(self.filler, "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * (1 << 20))
-                    f.flush()
-            except OSError:
-                pass
-
-    def heal(self) -> None:
-        os.unlink(self.filler)
-
-
-class DiskReadOnly(_TmpfsPrimary):
-    name = "disk turns read-only (EROFS)"
-
-    def inject(self) -> None:
-        subprocess.run(["mount", "-o", "remount,ro", self.mount], check=True, capture_output=True)
-
-    def heal(self) -> None:
-        subprocess.run(["mount", "-o", "remount,rw", self.mount], check=True, capture_output=True)
-
-
-class SentinelPromotion(Scenario):
-    """The master dies; the Sentinels promote its replica; the rank stays in its cluster."""
-
-    name = "Sentinel promotion"
-    expect = "cluster"
-    served_within_s = 6.0  # Sentinel's own down-after (500 ms here) and election come first
-
-    def members(self) -> list[dict]:
-        self.cluster = SentinelCluster(down_after_ms=500, failover_timeout_ms=3000).start()
-        return [{"name": "primary", "type": "redis", "sentinel": {"master": self.cluster.master_name,
-                                                                  "addresses": self.cluster.addresses}},
-                self.file_standby()]
-
-    def config(self) -> dict:
-        return {"failover": {"cluster_patience_ms": 10_000}}
-
-    def inject(self) -> None:
-        self.cluster.master.kill()
-
-    def heal(self) -> None:
-        pass  # the old master stays dead; the cluster carries on with the promoted replica
-
-    def close(self) -> None:
-        self.cluster.close()
-
-
-SCENARIOS: list[type[Scenario]] = [SigKill, SigStop, Blackhole, SlowLink, LossyLink, ConnectionResets, ErrorBurst,
-                                   DiskFull, DiskReadOnly, SentinelPromotion, Flapping]
 
 
 class Stress:
@@ -540,22 +249,3 @@ def _sglang_row(scenario: Scenario, name: str, t_fault: float, window: tuple[flo
         stress=stressed, served_within_s=scenario.served_within_s, engine="sglang",
         calls_during_fault=sum(1 for rr in rank_results for _m, t0, _s, _e in rr.calls if window[0] <= t0 <= window[1]),
     )
-
-
-def markdown(rows: list[Row]) -> str:
-    def ms(v: Optional[float]) -> str:
-        return "—" if v is None else f"{v:.0f}"
-
-    lines = ["| fault | expected | detect ms | served again ms | healthy tripped | p50 / p99 / p99.9 / max ms "
-             "| errors | bad pages | writes dropped |",
-             "|---|---|---:|---:|---:|---|---:|---:|---:|"]
-    for r in rows:
-        fault = r.fault + (" (SGLang's HiCacheController)" if r.engine == "sglang" else "")
-        lines.append(f"| {fault} | {r.expect} | {ms(r.detect_ms)} | {ms(r.served_ms)} | {len(r.healthy_tripped)} | "
-                     f"{r.p50_ms:.1f} / {r.p99_ms:.1f} / {r.p999_ms:.1f} / {r.max_ms:.1f} | {r.errors} | "
-                     f"{r.bad_pages} | {r.dropped_writes} |")
-    return "\n".join(lines)
-
-
-def to_json(rows: list[Row]) -> str:
-    return json.dumps([asdict(r) for r in rows], indent=2)

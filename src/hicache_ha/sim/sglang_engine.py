@@ -16,7 +16,6 @@ below the scheduler: the threads, queues and collectives are SGLang's.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing as mp
 import os
 import queue
@@ -26,10 +25,15 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
-PAGE = 4  # tokens per page
-PAGES_PER_REQUEST = 6
+from .sglang_pools import PAGE, hybrid_pools, mha_pools, mla_pools
+from .sglang_requests import PAGES_PER_REQUEST, HybridRequest, content, kv_request
+
+# The pools (``sglang_pools``) and the request (``sglang_requests``) are importable from here too.
+__all__ = ["DYNAMIC_HA", "OP_DEADLINE", "PAGE", "PAGES_PER_REQUEST", "EngineSpec", "RankResult", "SGLangEngine",
+           "content", "drain", "ha_spec", "mha_pools", "mla_pools"]
+
 DYNAMIC_HA = {"backend_name": "hicache_ha", "module_path": "hicache_ha.sglang", "class_name": "HAStorage"}
 # The storage calls timed on each rank, and the deadline each is held to.
 OP_DEADLINE = {"batch_exists": "exists", "batch_exists_v2": "exists", "batch_get": "get", "batch_get_v1": "get",
@@ -159,12 +163,12 @@ def _run_spec(rank: int, spec: EngineSpec, gate, live, dist) -> RankResult:
     if spec.hybrid:
         from sglang.srt.mem_cache.hybrid_cache.hybrid_cache_controller import HybridCacheController
 
-        group, sidecars = _hybrid_pools(host, device)
+        group, sidecars = hybrid_pools(host, device)
         cc = HybridCacheController(alloc, group, PAGE, dist.group.WORLD, transfer_layer_id_max=2, **common)
-        request = _HybridRequest(group, sidecars)
+        request = HybridRequest(group, sidecars)
     else:
         cc = HiCacheController(alloc, host, PAGE, dist.group.WORLD, **common)
-        request = _request
+        request = kv_request
     storage = cc.storage_backend
     result = RankResult(rank, spec.name, interface="v1" if cc.page_get_func.__name__ == "_page_get_zero_copy"
                         else "legacy")
@@ -222,183 +226,6 @@ def _time_calls(storage, calls: list) -> None:
                 calls.append((_n, t0, time.monotonic() - t0, error))
 
         setattr(storage, name, timed)
-
-
-# -- SGLang's host pools on CPU ----------------------------------------------------------------------
-def mha_pools(layout: str = "page_first", dtype: Any = None, *, tokens: int = 64, page: int = PAGE, heads: int = 2,
-              head_dim: int = 8, layers: int = 2):
-    """(device pool, host pool), built as SGLang's pool assembler builds them, with ``pin_memory=False``."""
-    import torch
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-    from sglang.srt.mem_cache.pool_host.mha import get_mha_host_pool_cls
-
-    dev = MHATokenToKVPool(size=tokens, page_size=page, dtype=dtype or torch.bfloat16, head_num=heads,
-                           head_dim=head_dim, layer_num=layers, device="cpu", enable_memory_saver=False)
-    info = dev.get_device_pool_infos()[0].buffer_info
-    return dev, get_mha_host_pool_cls(info)(info, 2.0, 0, page, layout, pin_memory=False, device="cpu",
-                                            device_capacity_tokens=dev.size, start_layer=dev.start_layer,
-                                            end_layer=dev.end_layer)
-
-
-def mla_pools(layout: str = "page_first", dtype: Any = None, *, tokens: int = 64, page: int = PAGE, layers: int = 2):
-    import torch
-    from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
-    from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
-
-    dev = MLATokenToKVPool(size=tokens, page_size=page, dtype=dtype or torch.bfloat16, kv_lora_rank=16,
-                           qk_rope_head_dim=8, layer_num=layers, device="cpu", enable_memory_saver=False)
-    info = dev.get_device_pool_infos()[0].buffer_info
-    return dev, MLATokenToKVPoolHost(info, 2.0, 0, page, layout, pin_memory=False, device="cpu",
-                                     device_capacity_tokens=dev.size, start_layer=dev.start_layer,
-                                     end_layer=dev.end_layer, target_layer_num=dev.layer_num,
-                                     override_kv_cache_dim=dev.kv_cache_dim)
-
-
-def _hybrid_pools(host, device):
-    """The KV pool, an SWA state pool (its own slots, trailing pages) and an indexer pool (on the KV
-    slots), grouped as SGLang's hybrid pool assembler groups them."""
-    from sglang.srt.mem_cache.hicache_storage import PoolName
-    from sglang.srt.mem_cache.pool_host import HostPoolGroup, PoolEntry
-
-    swa_dev, swa = mha_pools("page_first", tokens=256, layers=1)
-    idx_dev, indexer = mha_pools("layer_first", tokens=256, layers=1)
-
-    def ident(layer: int) -> int:
-        return layer
-
-    group = HostPoolGroup([
-        PoolEntry(name=PoolName.KV, host_pool=host, device_pool=device, layer_mapper=ident, is_primary_index_anchor=True),
-        PoolEntry(name=PoolName.SWA, host_pool=swa, device_pool=swa_dev, layer_mapper=ident),
-        PoolEntry(name=PoolName.INDEXER, host_pool=indexer, device_pool=idx_dev, layer_mapper=ident),
-    ])
-    return group, {PoolName.SWA: swa, PoolName.INDEXER: indexer}
-
-
-# -- one request --------------------------------------------------------------------------------------
-def content(rank: int, token: int, nbytes: int, shared: bool) -> bytes:
-    """A page's bytes: derived from its first token (and its rank, unless the page is shared)."""
-    seed = hashlib.blake2b(f"{0 if shared else rank}:{token}".encode(), digest_size=64).digest()
-    return (seed * (nbytes // 64 + 1))[:nbytes]
-
-
-def _nbytes(pool) -> int:
-    dummy = pool.get_dummy_flat_data_page()
-    return dummy.numel() * dummy.element_size()
-
-
-def _fill_page(pool, slot: int, data: bytes, torch) -> None:
-    dtype = pool.get_dummy_flat_data_page().dtype
-    pool.set_from_flat_data_page(slot, torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype))
-
-
-def _page(pool, slot: int, torch) -> bytes:
-    return bytes(pool.get_data_page(slot, flat=True).contiguous().view(torch.uint8).numpy())
-
-
-def _tokens(i: int) -> list[int]:
-    n = PAGES_PER_REQUEST * PAGE
-    return list(range(10_000 + i * n, 10_000 + (i + 1) * n))
-
-
-def _load(cc, hit) -> tuple[int, dict]:
-    """Hand a hit to the IO thread, as the scheduler does; collect what was loaded."""
-    cc.prefetch_buffer.put(hit)
-    loaded, pool_hits = 0, {}
-    while True:
-        ack = cc.ack_prefetch_queue.get(timeout=120)
-        if ack.completed_tokens is not None:
-            loaded = ack.completed_tokens
-        if ack.pool_hits:
-            pool_hits.update({str(getattr(k, "value", k)): v for k, v in ack.pool_hits.items()})
-        if ack.completed_req:
-            return loaded, pool_hits
-
-
-def _request(rank, i, cc, host, mla, torch, sync) -> dict:
-    from sglang.srt.mem_cache.utils import get_storage_hash_str
-
-    tokens = _tokens(i)
-    n, nbytes = len(tokens), _nbytes(host)
-    t0 = time.monotonic()
-    idx = host.alloc(n)
-    for p in range(PAGES_PER_REQUEST):
-        _fill_page(host, int(idx[p * PAGE]), content(rank, tokens[p * PAGE], nbytes, mla), torch)
-    cc.write_storage(idx, tokens, hash_value=get_storage_hash_str(tokens, None, page_size=PAGE))
-    backed = cc.ack_backup_queue.get(timeout=120).completed_tokens
-    host.free(idx)
-    sync()  # a prefix is looked up after every rank stored it (MLA: after the one writer did)
-    cc.prefetch(f"req-{i}", tokens, None)
-    hit = cc.prefetch_hit_queue.get(timeout=120)
-    loaded, bad = 0, 0
-    if hit.storage_hit_count >= PAGE:  # the scheduler's part: host memory for what every rank can load
-        hit.host_indices = host.alloc(hit.storage_hit_count)
-        loaded, _ = _load(cc, hit)
-        for p in range(loaded // PAGE):
-            bad += _page(host, int(hit.host_indices[p * PAGE]), torch) != content(rank, tokens[p * PAGE], nbytes, mla)
-        host.free(hit.host_indices)
-    return {"t0": t0, "t1": time.monotonic(), "tokens": n, "backed": backed, "hit": hit.storage_hit_count,
-            "loaded": loaded, "exact": bad == 0, "bad_pages": bad}
-
-
-class _HybridRequest:
-    """A request of a hybrid model: KV pages, indexer pages on the same slots, and the SWA state of the
-    last page; backed up and prefetched through the v2 calls of SGLang's HybridCacheController."""
-
-    def __init__(self, group, sidecars) -> None:
-        from sglang.srt.mem_cache.hicache_storage import PoolName
-
-        self.group = group
-        self.swa, self.indexer = sidecars[PoolName.SWA], sidecars[PoolName.INDEXER]
-
-    def __call__(self, rank, i, cc, host, mla, torch, sync) -> dict:
-        from sglang.srt.mem_cache.base_prefix_cache import CacheRequestHandle
-        from sglang.srt.mem_cache.hicache_storage import PoolHitPolicy, PoolName, PoolTransfer
-        from sglang.srt.mem_cache.utils import get_storage_hash_str
-
-        group, swa, indexer = self.group, self.swa, self.indexer
-        tokens = _tokens(i)
-        n = len(tokens)
-        hashes = get_storage_hash_str(tokens, None, page_size=PAGE)
-        kv_page = lambda p: content(rank, tokens[p * PAGE], _nbytes(host), False)  # noqa: E731
-        idx_page = lambda p: content(rank, -tokens[p * PAGE], _nbytes(indexer), False)  # noqa: E731
-        swa_page = content(rank, 7 * tokens[-1], _nbytes(swa), False)
-        t0 = time.monotonic()
-        idx = group.alloc(n)
-        swa_idx = group.alloc(PAGE, pool=PoolName.SWA)
-        for p in range(PAGES_PER_REQUEST):
-            _fill_page(host, int(idx[p * PAGE]), kv_page(p), torch)
-            _fill_page(indexer, int(idx[p * PAGE]), idx_page(p), torch)
-        _fill_page(swa, int(swa_idx[0]), swa_page, torch)
-        cc.write_storage(idx, tokens, hash_value=hashes, extra_pools=[
-            PoolTransfer(name=PoolName.SWA, host_indices=swa_idx, keys=[hashes[-1]], hit_policy=PoolHitPolicy.TRAILING_PAGES),
-            PoolTransfer(name=PoolName.INDEXER, indices_from_pool=PoolName.KV)])
-        backed = cc.ack_backup_queue.get(timeout=120).completed_tokens
-        group.free(idx)
-        group.free(swa_idx, pool=PoolName.SWA)
-        sync()
-        cc.prefetch(CacheRequestHandle(rid=f"req-{i}", attempt_id=0), tokens, None, extra_pools=[
-            PoolTransfer(name=PoolName.SWA, keys=[hashes[-1]], hit_policy=PoolHitPolicy.TRAILING_PAGES),
-            PoolTransfer(name=PoolName.INDEXER, indices_from_pool=PoolName.KV)])
-        hit = cc.prefetch_hit_queue.get(timeout=120)
-        loaded, exact, swa_loaded = 0, True, False
-        if hit.storage_hit_count >= PAGE:
-            hit.hash_value = hit.hash_value[: hit.storage_hit_count // PAGE]
-            hit.host_indices = group.alloc(hit.storage_hit_count)
-            own = [t for t in hit.pool_transfers if t.name == PoolName.SWA]
-            for t in own:
-                t.host_indices = group.alloc(PAGE, pool=PoolName.SWA)
-            loaded, pool_hits = _load(cc, hit)
-            for p in range(loaded // PAGE):
-                slot = int(hit.host_indices[p * PAGE])
-                exact &= _page(host, slot, torch) == kv_page(p) and _page(indexer, slot, torch) == idx_page(p)
-            for t in own:
-                swa_loaded = pool_hits.get(PoolName.SWA.value, 0) >= 1
-                if swa_loaded:
-                    exact &= _page(swa, int(t.host_indices[0]), torch) == swa_page
-                group.free(t.host_indices, pool=PoolName.SWA)
-            group.free(hit.host_indices)
-        return {"t0": t0, "t1": time.monotonic(), "tokens": n, "backed": backed, "hit": hit.storage_hit_count,
-                "loaded": loaded, "exact": exact, "swa_loaded": swa_loaded}
 
 
 def drain(q, timeout: float = 0.0) -> list:
