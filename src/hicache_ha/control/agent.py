@@ -5,9 +5,11 @@ It only talks to a controller that proves it holds the deployment's controller k
 refuses a command whose fencing token is older than one it has seen, in a command or in the ack of a
 heartbeat (a controller that lost its lease), a commit or detach to an epoch older than one a
 controller already moved it to, and a spec attached over the API that names a type outside the
-allow-list or a path outside the attach roots. A switch prepared and never committed expires. The
-data plane never waits on the agent: commands run on the agent's own thread, and the only hook into
-the data plane is the failover handler, which sends a message and returns at once. When the
+allow-list or a path outside the attach roots. Every message it sends says the newest token and epoch
+it has seen (``seen``), in the order it learned them, so that a leader whose state store forgot them
+(restarted empty) moves past them instead of being refused. A switch prepared and never committed
+expires. The data plane never waits on the agent: commands run on the agent's own thread, and the only
+hook into the data plane is the failover handler, which sends a message and returns at once. When the
 controller does not move the whole group in time (or cannot be reached), the rank fails over alone;
 it fails back only through the controller, so ranks never diverge.
 """
@@ -51,7 +53,8 @@ class Agent:
         self.attach_roots = list(attach_roots or [])
         self.last_heard: Optional[float] = None
         self.max_fence = 0  # the newest controller leadership seen (in a command or a heartbeat's ack)
-        self._fence_lock = threading.Lock()
+        self._fence_by: set[str] = set()  # the controllers whose commands carried max_fence
+        self._fence_lock = threading.Lock()  # guards what we have seen and its reporting, in order
         self.max_epoch = 0  # the newest epoch a controller moved this rank to
         self._prepared: dict[str, tuple] = {}  # token -> (Prepared, expires at)
         self._commands: SimpleQueue = SimpleQueue()
@@ -84,10 +87,17 @@ class Agent:
         return {"type": kind, "rank": self.rank, "identity": self.manager.layout.describe(),
                 "status": self.manager.status(), "events": events}
 
+    def _send(self, msg: dict) -> None:
+        """Send with what this rank has seen, read and queued under one lock: the controller gets the
+        values in the order they changed (a heartbeat never brings back an epoch a restore undid)."""
+        with self._fence_lock:
+            self.channel.send({**msg, "seen": {"fence": self.max_fence, "by": sorted(self._fence_by),
+                                               "epoch": self.max_epoch}})
+
     def _heartbeats(self) -> None:
-        self.channel.send(self._hello("register"))
+        self._send(self._hello("register"))
         while not self._stop.wait(self.heartbeat_s):
-            self.channel.send(self._hello("heartbeat"))
+            self._send(self._hello("heartbeat"))
 
     @property
     def controller_alive(self) -> bool:
@@ -106,7 +116,7 @@ class Agent:
             self._expire_prepared()
             reply = {"type": "reply", "id": msg.get("id"), "rank": self.rank}
             try:
-                self._check_fence(msg.get("fence"))
+                self._check_fence(msg.get("fence"), msg.get("leader"))
                 reply.update(ok=True, **(self._run(msg.get("op"), msg.get("args") or {}) or {}))
             except SwitchError as exc:
                 reply.update(ok=False, status=exc.status, error=str(exc))
@@ -116,20 +126,30 @@ class Agent:
                 log.exception("hicache-ha: rank %d: command %s failed", self.rank, msg.get("op"))
                 reply.update(ok=False, status=500, error=f"{type(exc).__name__}: {exc}")
             reply["status_now"] = self.manager.status()
-            self.channel.send(reply)
+            self._send(reply)
 
     def _saw_fence(self, fence: int) -> None:
         with self._fence_lock:
-            self.max_fence = max(self.max_fence, fence)
+            if fence > self.max_fence:
+                self.max_fence, self._fence_by = fence, set()
 
-    def _check_fence(self, fence) -> None:
+    def _check_fence(self, fence, leader=None) -> None:
         if not isinstance(fence, int):
             raise StaleCommand(f"rank {self.rank}: a command without a fencing token")
         with self._fence_lock:
             if fence < self.max_fence:
                 raise StaleCommand(f"rank {self.rank}: fencing token {fence} is older than {self.max_fence} "
                                    "(that controller is no longer the leader)")
-            self.max_fence = fence
+            if fence > self.max_fence:
+                self.max_fence, self._fence_by = fence, set()
+            if isinstance(leader, str) and len(self._fence_by) < 8:
+                # Two controllers with one token: a store that restarted empty gave it again. The
+                # leader that hears of another one's commands under its token moves past it.
+                self._fence_by.add(leader[:200])
+
+    def _saw_epoch(self, epoch: int, *, rollback: bool = False) -> None:
+        with self._fence_lock:
+            self.max_epoch = epoch if rollback else max(self.max_epoch, epoch)
 
     def _check_epoch(self, epoch) -> None:
         if isinstance(epoch, int) and epoch < self.max_epoch:
@@ -165,7 +185,7 @@ class Agent:
             except Exception:  # a member built only for this switch is closed
                 m.abort(prepared)
                 raise
-            self.max_epoch = max(self.max_epoch, epoch)
+            self._saw_epoch(epoch)
             return {"epoch": epoch}
         if op == "abort":
             prepared, _ = self._prepared.pop(args.get("token"), (None, None))
@@ -174,13 +194,13 @@ class Agent:
             return None
         if op == "restore":  # the rollback of a commit this leader just made
             m.restore(args["epoch"], args.get("active"))
-            self.max_epoch = args["epoch"]
+            self._saw_epoch(args["epoch"], rollback=True)
             return {"epoch": m.epoch}
         if op == "detach":
             self._check_epoch(args.get("epoch"))
             epoch = m.detach(force=args.get("force", False), drain_timeout_s=args.get("drain_timeout_s", 5.0),
                              epoch=args.get("epoch"))
-            self.max_epoch = max(self.max_epoch, epoch)
+            self._saw_epoch(epoch)
             return {"epoch": epoch}
         if op == "remove":
             m.remove_member(args["backend"], args.get("reason", "removed by admin"))
@@ -209,8 +229,8 @@ class Agent:
 
     def _ask(self, target: Member, reason: str) -> None:
         active = self.manager.active
-        self.channel.send({"type": "failover_request", "rank": self.rank, "target": target.name,
-                           "from": active.name if active else None, "reason": reason})
+        self._send({"type": "failover_request", "rank": self.rank, "target": target.name,
+                    "from": active.name if active else None, "reason": reason})
 
     def close(self) -> None:
         self._stop.set()

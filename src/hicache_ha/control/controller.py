@@ -1,11 +1,12 @@
 """The controller: one desired state for every rank, one leader at a time.
 
-A controller leads while it holds the state store's lease; its fencing token goes with every command,
-and ranks refuse tokens older than one they have seen. A standby controller waits for the lease and
-then resumes from the persisted state (a switch it finds in flight: every rank is moved to one fresh
-epoch). The leader listens for the ranks' agents on an authenticated, encrypted channel, accepts only
-ranks whose identity fits the deployment's shape, runs two-phase switches (``twophase``), moves the
-whole group on a failover or failback one rank asks for, and converges ranks that were away.
+A controller leads while it holds the state store's lease (``leadership``); its fencing token goes with
+every command, and ranks refuse tokens older than one they have seen. A standby controller waits for the
+lease and then resumes from the persisted state (a switch it finds in flight: every rank is moved to one
+fresh epoch). The leader listens for the ranks' agents on an authenticated, encrypted channel, accepts
+only ranks whose identity fits the deployment's shape (``ranks``), runs two-phase switches
+(``twophase``), moves the whole group on a failover or failback one rank asks for, and converges ranks
+that were away (``converge``).
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import zmq
-
 from ..backends.errors import ConfigError
 from ..config import HAConfig
 from ..dataplane.member import RateLimitedLog
 from ..health.breaker import CIRCUIT_BROKEN, DETACHED, HEALTHY, RECOVERING
+from .converge import Convergence
 from .keys import ChannelKeys
+from .leadership import Leadership
+from .ranks import RankInfo, rank_problem
 from .state import DesiredState, NotLeader, StateStore
 from .transport import Channel
 from .twophase import Outcome, TwoPhase, check_attach, failures
@@ -34,16 +36,6 @@ from .twophase import Outcome, TwoPhase, check_attach, failures
 log = logging.getLogger("hicache_ha.control")
 
 _WORST = {HEALTHY: 0, RECOVERING: 1, CIRCUIT_BROKEN: 2, DETACHED: 3}
-IDENTITY = ("tp", "pp", "dp", "cp", "tp_size", "pp_size", "dp_size", "cp_size")
-
-
-@dataclass
-class RankInfo:
-    rank: int
-    identity: dict
-    status: dict
-    last_seen: float
-    converge_after: float = 0.0
 
 
 @dataclass
@@ -52,24 +44,7 @@ class _Pending:
     reply: Optional[dict] = None
 
 
-def rank_problem(rank, identity, expected: int) -> Optional[str]:
-    """Why an agent's claimed identity does not fit the deployment (None: it fits)."""
-    if not isinstance(rank, int) or not isinstance(identity, dict):
-        return "no rank or identity"
-    if not all(isinstance(identity.get(k), int) for k in IDENTITY):
-        return f"identity lacks {', '.join(k for k in IDENTITY if not isinstance(identity.get(k), int))}"
-    i = identity
-    if any(not 0 <= i[k] < i[f"{k}_size"] for k in ("tp", "pp", "dp", "cp")):
-        return f"identity {i} has an index outside its size"
-    if i["tp_size"] * i["pp_size"] * i["dp_size"] * i["cp_size"] != expected:
-        return f"identity {i} describes {i['tp_size'] * i['pp_size'] * i['dp_size'] * i['cp_size']} ranks, " \
-               f"this deployment has {expected}"
-    if rank != i["tp"] + i["tp_size"] * (i["cp"] + i["cp_size"] * (i["pp"] + i["pp_size"] * i["dp"])):
-        return f"rank {rank} does not match identity {i}"
-    return None
-
-
-class Controller:
+class Controller(Leadership, Convergence):
     def __init__(self, config: HAConfig, *, store: StateStore, expected_ranks: int, bind: str, keys: ChannelKeys,
                  owner: Optional[str] = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
@@ -98,83 +73,15 @@ class Controller:
         self._twophase = TwoPhase(self)
         self._log = RateLimitedLog(log, every=30.0)
         self._stop = threading.Event()
+        self._kick = threading.Event()  # wakes the leadership loop: ranks reported something to catch up with
+        self._unsettled = False  # the store's fencing counter may be behind tokens ranks saw (it restarted empty)
+        self._settled = False  # every expected rank reported a token not newer than ours
+        self._ranks_behind = False  # every expected rank reported an epoch not newer than the desired one
         self._lead_once()  # a controller that can lead does so from the start
         self._threads = [threading.Thread(target=loop, name=f"hicache-ha-{name}", daemon=True)
                          for loop, name in ((self._lead_loop, "lease"), (self._converge_loop, "converge"))]
         for t in self._threads:
             t.start()
-
-    # -- leadership ---------------------------------------------------------------------------------
-    @property
-    def is_leader(self) -> bool:
-        return self.fence is not None
-
-    def _lead_loop(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
-            try:
-                self._lead_once()
-            except Exception:  # a store hiccup must not kill the loop
-                log.exception("hicache-ha: leadership step failed")
-
-    def _lead_once(self) -> None:
-        try:
-            if self.fence is None:
-                fence = self.store.acquire(self.owner, self.lease_s)
-                if fence is not None:
-                    self._become_leader(fence)
-            elif not self.store.renew(self.owner, self.fence, self.lease_s):
-                self._step_down("the lease was lost")
-        except (OSError, ConnectionError) as exc:
-            if self.fence is not None:
-                self._step_down(f"the state store is unreachable ({exc})")
-        except Exception as exc:  # e.g. redis-py's errors
-            if self.fence is not None:
-                self._step_down(f"the state store failed ({exc!r})")
-            else:
-                self._log.warn(("lead", type(exc)), "hicache-ha: cannot take the leadership: %r", exc)
-
-    def _become_leader(self, fence: int) -> None:
-        desired = self.store.load() or DesiredState(epoch=1, active=self.config.backends[0].name)
-        inflight = desired.switch_in_flight
-        if inflight is not None:
-            # The previous leader died mid-way: ranks may be prepared, committed, or not. One fresh epoch
-            # past anything it could have used brings every live rank to one state.
-            desired.epoch, desired.active = inflight.base_epoch + 2, inflight.base_active
-            desired.switch_in_flight = None
-            self.event(None, inflight.target, inflight.kind, "aborted",
-                       f"a controller died during a {inflight.kind}; every rank converges to epoch {desired.epoch}")
-        self.desired, self.fence = desired, fence
-        self.save()
-        try:
-            self.channel = Channel(zmq.ROUTER, self.bind, bind=True, on_message=self._on_message, keys=self.keys,
-                                   name="controller")
-        except zmq.ZMQError as exc:
-            self._step_down(f"cannot listen for agents on {self.bind}: {exc}")
-            return
-        log.info("hicache-ha: controller %s leads deployment %r (fencing token %d)", self.owner, self.keys.deployment,
-                 fence)
-
-    def _step_down(self, why: str) -> None:
-        log.error("hicache-ha: controller %s stops leading: %s", self.owner, why)
-        self.fence = None
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
-
-    def save(self) -> None:
-        if self.fence is None:
-            raise NotLeader("not the leader")
-        self.store.save(self.desired, self.fence)
-
-    def save_if_leader(self) -> None:
-        try:
-            self.save()
-        except (NotLeader, OSError, ConnectionError) as exc:
-            log.error("hicache-ha: the desired state was not saved: %s", exc)
-
-    def not_leader(self) -> Outcome:
-        return Outcome(503, {"error": "this controller is a standby; the leader is "
-                                      f"{self.store.leader() or 'unknown'}", "leader": self.store.leader()})
 
     # -- events -------------------------------------------------------------------------------------
     def event(self, rank: Optional[int], backend: Optional[str], from_state: str, to_state: str, reason: str,
@@ -200,7 +107,7 @@ class Controller:
                 return
         elif not isinstance(rank, int) or rank not in self.ranks:
             return
-        now = self.clock()
+        now, due = self.clock(), False
         with self._lock:
             info = self.ranks.get(rank)
             if kind in ("register", "heartbeat"):
@@ -208,20 +115,26 @@ class Controller:
                     info = self.ranks[rank] = RankInfo(rank, msg["identity"], {}, now)
                     self.event(rank, None, "absent", "registered", "agent connected")
                 info.identity = msg["identity"]
-                self._update_status(info, msg.get("status"))
+                info.update_status(msg.get("status"))
+                info.saw(msg.get("seen"))
+                due = self._note_report(info)
                 info.last_seen = now
                 for e in msg.get("events") or []:
                     if isinstance(e, dict):
                         self._publish({**e, "rank": rank})
             elif kind == "reply":
                 info.last_seen = now
-                self._update_status(info, msg.get("status_now"))
+                info.update_status(msg.get("status_now"))
+                info.saw(msg.get("seen"))
+                due = self._note_report(info)
                 pending = self._pending.get(msg.get("id"))
                 if pending is not None:
                     pending.reply = msg
                     pending.done.set()
         if kind in ("register", "heartbeat") and self.channel is not None:
             self.channel.send({"type": "ack", "fence": self.fence}, to=peer)  # tells the agent its controller lives
+        if due:
+            self._kick.set()
         if kind == "failover_request" and not self._moving_group.is_set():
             self._moving_group.set()  # one group move at a time; ranks repeat their request
             threading.Thread(target=self._group_move, args=(rank, msg.get("target"), msg.get("from"),
@@ -233,11 +146,6 @@ class Controller:
         if now - self._refused.get(key, -1e9) > 10:
             self._refused[key] = now
             log.warning("hicache-ha: refused an agent claiming rank %r: %s", rank, problem)
-
-    @staticmethod
-    def _update_status(info: RankInfo, status: Optional[dict]) -> None:
-        if isinstance(status, dict) and isinstance(status.get("seq"), int) and status["seq"] >= info.status.get("seq", 0):
-            info.status = status
 
     # -- commands to ranks --------------------------------------------------------------------------
     def alive(self) -> list[int]:
@@ -260,7 +168,8 @@ class Controller:
                 ids[r] = uuid.uuid4().hex
                 self._pending[ids[r]] = _Pending()
         for r, cid in ids.items():
-            channel.send({"type": "command", "id": cid, "op": op, "args": args, "fence": self.fence},
+            channel.send({"type": "command", "id": cid, "op": op, "args": args, "fence": self.fence,
+                          "leader": self.owner},
                          to=f"rank-{r}".encode())
         deadline = self.clock() + timeout
         out = {}
@@ -293,7 +202,18 @@ class Controller:
         try:
             if not self.is_leader:
                 return self._count(kind, self.not_leader())
-            return self._count(kind, step())
+            try:
+                if self._catch_up_due():
+                    self._catch_up()
+            except NotLeader:
+                return self._count(kind, self.not_leader())
+            except Exception as exc:  # the state store failed
+                return self._count(kind, Outcome(503, {"error": f"the state store failed: {exc!r}"}))
+            outcome = step()
+            if outcome.status == 200 and kind != "remove" and self.desired.provisional:
+                self.desired.provisional = False  # the desired state is an operator's (or a group move's) now
+                self.save_if_leader()
+            return self._count(kind, outcome)
         finally:
             self._switch.release()
 
@@ -343,85 +263,6 @@ class Controller:
 
         return self._locked("remove", wait_s, step)
 
-    # -- group moves: a failover or a failback one rank asks for --------------------------------------
-    def _group_move(self, rank: int, target: Optional[str], from_: Optional[str], reason: str) -> None:
-        try:
-            if not target or target == from_ or not isinstance(reason, str):
-                return
-            label = "failback" if reason == "failback" else "failover"
-            log.info("hicache-ha: rank %d asks to move the group from %r to %r (%s)", rank, from_, target, label)
-            result = self.switch(backend=target, force=True, drain_timeout_s=0.0, wait_s=0.5, expect_active=from_,
-                                 reason=f"{label} (asked by rank {rank})")
-            if result.status not in (200, 409):
-                log.warning("hicache-ha: group %s to %r failed (%d): %s", label, target, result.status,
-                            result.body.get("error"))
-        finally:
-            self._moving_group.clear()
-
-    # -- convergence --------------------------------------------------------------------------------
-    def _converge_loop(self) -> None:
-        while not self._stop.wait(0.25):
-            try:
-                if self.is_leader:
-                    self.converge()
-            except NotLeader:
-                pass
-            except Exception:
-                log.exception("hicache-ha: converge step failed")
-
-    def converge(self) -> None:
-        """Bring every live rank to the desired (epoch, active), one rank at a time, make-before-break.
-        A rank that left the desired member because it is broken there moves the group instead."""
-        if self._switch.locked():
-            return
-        want = (self.desired.epoch, self.desired.active)
-        now = self.clock()
-        for r in self.alive():
-            info = self.ranks[r]
-            st = info.status
-            moved = (st.get("epoch"), st.get("active")) != want
-            stray = [n for n in st.get("attached", []) if n not in self.desired.specs and n != self.desired.active]
-            if not (moved or stray) or now < info.converge_after:
-                continue
-            info.converge_after = now + 2.0
-            states = {b.get("name"): b.get("state") for b in st.get("backends", []) if isinstance(b, dict)}
-            active = self.desired.active
-            if active in states and states[active] != HEALTHY and st.get("active") not in (None, active):
-                self._moving_group.set()
-                self._group_move(r, st["active"], active, "failover")
-                return
-            if not self._switch.acquire(blocking=False):
-                return
-            try:
-                if moved:
-                    self._converge_rank(r, st)
-                self._forget(r, stray)
-            finally:
-                self._switch.release()
-
-    def _forget(self, rank: int, names: list[str]) -> None:
-        """Members a rank holds that the desired state does not: attached by a switch that was rolled
-        back or whose controller died before it was recorded."""
-        for name in names:
-            if name not in self.desired.specs and name != self.desired.active:
-                if not failures(self.call([rank], "remove", {"backend": name, "reason": "not in the desired state"},
-                                          self.command_timeout_s)):
-                    self.event(rank, name, "attached", "removed", "not in the desired state (a switch that did not land)")
-
-    def _converge_rank(self, rank: int, status: dict) -> None:
-        epoch, active = self.desired.epoch, self.desired.active
-        if active is None:
-            self.call([rank], "detach", {"epoch": epoch, "force": True}, self.command_timeout_s)
-            return
-        token = uuid.uuid4().hex
-        spec = self.desired.specs.get(active)
-        if failures(self.call([rank], "prepare", {"token": token, "backend": active, "spec": spec},
-                              self.command_timeout_s)):
-            self.call([rank], "abort", {"token": token}, self.command_timeout_s)
-            return
-        if not failures(self.call([rank], "commit", {"token": token, "epoch": epoch, "force": True,
-                                                     "reason": "converge"}, self.command_timeout_s)):
-            self.event(rank, active, f"epoch {status.get('epoch')}", f"epoch {epoch}", "converged to the desired state")
 
     # -- status -------------------------------------------------------------------------------------
     def status(self) -> dict:
@@ -459,6 +300,7 @@ class Controller:
 
     def close(self) -> None:
         self._stop.set()
+        self._kick.set()
         for t in self._threads:
             t.join(self.command_timeout_s)
         if self.fence is not None:
