@@ -14,7 +14,7 @@ from hicache_ha.backends.errors import BackendUnavailable
 from hicache_ha.backends.memory import MemoryBackend, MemoryConfig
 from hicache_ha.config import FailoverConfig, HealthConfig
 from hicache_ha.dataplane.member import Member
-from hicache_ha.dataplane.supervisor import FAILOVER_RETRY_S, Supervisor
+from hicache_ha.dataplane.supervisor import FAILOVER_RETRY_S, MAX_STARVED_CREDIT_S, Supervisor, lateness
 from hicache_ha.health.breaker import CIRCUIT_BROKEN, HEALTHY, RECOVERING
 
 PING_S, PING_TIMEOUT_S = 0.05, 0.1
@@ -187,6 +187,30 @@ def test_time_the_process_was_kept_from_running_is_not_held_against_a_ping(world
     assert primary.state == HEALTHY and rank.moves == []  # unanswered, but for less than 100 ms of running time
     run(sup, clock, 0.3)  # the process runs again
     assert primary.state == CIRCUIT_BROKEN and rank.moves == [("standby", "failover")]
+
+
+def test_a_host_that_stays_starved_still_finds_a_hung_backend(world):
+    clock, make = world
+    rank, sup, m = make()
+    m["primary"].backend.hung.set()
+    for _ in range(200):  # 2 s, every 10 ms step 9.9 ms late, for ever
+        sup.note_lateness(clock.now, 0.0099)
+        run(sup, clock, 0.01)
+        if m["primary"].state == CIRCUIT_BROKEN:
+            break
+    assert m["primary"].state == CIRCUIT_BROKEN
+    assert clock.now - 100.0 <= 0.1 + MAX_STARVED_CREDIT_S + 0.2  # timeout + the most credit + pings' pace
+
+
+@pytest.mark.parametrize("began,wait,asked,woke,late", [
+    (0.0, 0.1, None, 0.1, 0.0),  # woke when its wait ended
+    (0.0, 0.1, None, 0.13, 0.03),  # 30 ms late
+    (0.0, 0.1, 0.02, 0.02, 0.0),  # woken at once by a wake-up asked for during the wait
+    (0.0, 0.1, 0.02, 0.05, 0.03),  # ... but ran 30 ms after it
+    (0.0, 0.1, -0.5, 0.001, 0.001),  # asked before the wait began: due at once
+])
+def test_lateness_is_measured_from_when_the_supervisor_was_due(began, wait, asked, woke, late):
+    assert lateness(began, wait, asked, woke) == pytest.approx(late)
 
 
 def test_a_check_that_never_reached_the_backend_is_not_news_about_it(world):

@@ -249,3 +249,20 @@ def test_after_a_switch_every_pools_traffic_goes_to_the_new_member(tmp_path, mon
     assert [sorted(c) for c in on_b["fetch"]] == [olds, news] and [sorted(c) for c in on_b["set"]] == [news]
     a, b = s.manager.members["a"].backend, s.manager.members["b"].backend
     assert all(os.path.exists(b._path(k)) and not os.path.exists(a._path(k)) for k in news)
+
+
+def test_a_plugin_with_the_one_argument_exists_each_serves_hybrid_models():
+    """Backends written before the data plane learned page sizes (``exists_each(keys)``) keep working:
+    nothing they do not take is passed to them, so nothing counts against them."""
+    s, pools = hybrid({"backends": [{"name": "g", "type": GATE}]})
+    keys = ["p0", "p1"]
+    out = [transfer(n, pools[n], keys) for n in (PoolName.KV, PoolName.SWA)]
+    for t in out:
+        fill(pools[t.name], t.host_indices, seed=4)
+    assert s.batch_set_v2(out) == {t.name: [True, True] for t in out}
+    for _ in range(5):
+        r = s.batch_exists_v2(keys, [PoolTransfer(name=PoolName.SWA, keys=[keys[-1]],
+                                                  hit_policy=PoolHitPolicy.TRAILING_PAGES)])
+        assert (r.kv_hit_pages, r.restorable_prefix_pages) == (2, [1, 2])
+    g = s.ha_status()["backends"][0]
+    assert g["state"] == "healthy" and set(g["ops"]["exists"]) == {"ok"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from hicache_ha.sim.lag import LagProbe
 from hicache_ha.sim.storage_servers import Etcd, MooncakeMaster
 from tests.wrapped.conftest import Load, build, engine_pool, fill, pages_at, wait_healthy
 
@@ -59,3 +60,12 @@ def test_a_killed_leader_master_is_replaced_and_the_member_comes_back_without_a_
         assert after and load.loaded > 0  # the traffic is served again, by the same member
         status = s.ha_status()
         assert status["active"] == "primary" and status["backends"][0]["state"] == "healthy"
+        # Closing a member never waits on its client, nor lets it stop the process: the teardown of
+        # Mooncake's client in HA mode holds the GIL ~30 s, so the client is kept until the process exits.
+        probe = LagProbe().start()
+        t0 = time.monotonic()
+        s.close()
+        closed = time.monotonic() - t0
+        time.sleep(1.0)
+        probe.stop()
+        assert closed < 1.0 and probe.worst < 0.5, (closed, probe.worst)

@@ -39,6 +39,7 @@ def test_per_key_answers_fold_to_one_flag_per_page_and_stop_at_the_first_miss():
 @pytest.mark.parametrize("extra,message", [
     ({"master_server_address": "nohost"}, "master_server_address must be 'host:port'"),
     ({"master_server_address": "etcd://nohost;h:1"}, "or a master cluster in HA mode"),
+    ({"master_server_address": "etcd://h:1", "check_server": True}, "check_server must be false"),
     ({"global_segment_size": "4 tb"}, "global_segment_size must be bytes"),
     ({"master_server_adress": "h:1"}, "unknown key 'master_server_adress'"),
 ])

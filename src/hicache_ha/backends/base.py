@@ -93,10 +93,14 @@ class Backend(ABC):
     def exists(self, keys: Sequence[str]) -> int:
         """Return how many of the leading ``keys`` are present (stop at the first missing one)."""
 
-    def exists_each(self, keys: Sequence[str], nbytes: Any = None) -> list[bool]:
-        """Whether each key is stored (hybrid models ask about every page of every pool). ``nbytes``: each
-        page's size, one for all keys or one per key, when the host knows it (as for ``get``)."""
+    def exists_each(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each key is stored (hybrid models ask about every page of every pool)."""
         return [self.exists([k]) == 1 for k in keys]
+
+    def exists_pages(self, keys: Sequence[str], nbytes: Any = None) -> list[bool]:
+        """``exists_each``, told each page's size (one for all keys, or one per key) where the host knows
+        it, for a backend that keeps pages of some sizes apart. What the data plane calls."""
+        return self.exists_each(keys)
 
     @abstractmethod
     def get(self, keys: Sequence[str], nbytes: Optional[int] = None) -> list:
@@ -112,10 +116,11 @@ class Backend(ABC):
         return nullcontext(self.get(keys, nbytes))
 
     @abstractmethod
-    def set(self, keys: Sequence[str], values: Sequence[Any]) -> None:
+    def set(self, keys: Sequence[str], values: Sequence[Any]) -> Optional[list[bool]]:
         """Store every page; raise on failure. ``values`` are buffers, or tuples of buffers (the
         envelope's header, then the page's pieces) to be stored as their concatenation; for a backend
-        without the envelope, whatever its ``stage`` returned."""
+        without the envelope, whatever its ``stage`` returned. Return None, or one bool per key when the
+        backend does not take some pages by their nature (not a failure: they are dropped and counted)."""
 
     def stage(self, keys: Sequence[str], values: Sequence[Any]) -> Any:
         """On the engine thread, before the call is queued (backends without the envelope): make the

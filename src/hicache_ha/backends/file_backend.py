@@ -131,7 +131,7 @@ class FileBackend(Backend):
                 return i
         return len(keys)
 
-    def exists_each(self, keys: Sequence[str], nbytes: Any = None) -> list[bool]:
+    def exists_each(self, keys: Sequence[str]) -> list[bool]:
         return [self._stat(key) for key in keys]
 
     def _stat(self, key: str) -> bool:

@@ -52,7 +52,7 @@ class MemoryBackend(Backend):
                 return i
         return len(keys)
 
-    def exists_each(self, keys: Sequence[str], nbytes: Any = None) -> list[bool]:
+    def exists_each(self, keys: Sequence[str]) -> list[bool]:
         pages = self._store.pages
         return [key in pages for key in keys]
 

@@ -174,7 +174,7 @@ class RedisBackend(Backend):
         found = self.exists_each(keys)
         return found.index(False) if False in found else len(found)
 
-    def exists_each(self, keys: Sequence[str], nbytes: Any = None) -> list[bool]:
+    def exists_each(self, keys: Sequence[str]) -> list[bool]:
         try:
             pipe = self.client.pipeline(transaction=False)
             for key in keys:

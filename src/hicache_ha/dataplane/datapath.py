@@ -105,9 +105,14 @@ class DataPath:
             log.error("hicache-ha: set of %d pages: values are not buffers: %s", n, exc)
             self._count("unrouted_writes", n)
             return [False] * n
-        outcome, _ = member.call("set", self.deadlines["set"], member.set_job, skeys, items,
-                                 on_cancel=None if member.envelope else lambda: member.backend.unstage(items))
-        return [outcome is Outcome.OK] * n
+        outcome, stored = member.call("set", self.deadlines["set"], member.set_job, skeys, items,
+                                      on_cancel=None if member.envelope else lambda: member.backend.unstage(items))
+        if outcome is not Outcome.OK:
+            return [False] * n
+        if stored is None:
+            return [True] * n
+        member.not_taken(n - sum(stored))  # pages the backend does not take (not a failure)
+        return [bool(ok) for ok in stored]
 
     def clear(self, prefixes: Sequence[str]) -> bool:
         """Remove the pages under these prefixes from the active member, within the clear deadline."""

@@ -207,10 +207,10 @@ class Member:
         return self.backend.exists(keys)
 
     def exists_each_job(self, call: Call, keys: Sequence[str], nbytes: Union[int, Sequence[int], None]) -> list[bool]:
-        return self.backend.exists_each(keys, nbytes)
+        return self.backend.exists_pages(keys, nbytes)
 
-    def set_job(self, call: Call, keys: Sequence[str], items: Sequence[Any]) -> None:
-        self.backend.set(keys, items)
+    def set_job(self, call: Call, keys: Sequence[str], items: Sequence[Any]) -> Optional[list[bool]]:
+        return self.backend.set(keys, items)
 
     def read_job(self, call: Call, keys: Sequence[str], nbytes: Union[int, Sequence[int], None],
                  sink: Optional[Sink]) -> tuple[list, int]:
@@ -265,6 +265,11 @@ class Member:
             self.stats.record(op, Outcome.SHORT_CIRCUITED, 0.0)
             if op == "set":
                 self.stats.dropped_pages += pages
+
+    def not_taken(self, pages: int) -> None:
+        """Pages of a successful write the backend does not take by their nature: dropped, counted."""
+        with self._lock:
+            self.stats.dropped_pages += pages
 
     # -- the background path ------------------------------------------------------------------------
     def drain(self) -> bool:

@@ -37,6 +37,15 @@ BUSY_RECHECK_S = 0.01  # a ping waiting behind a running engine call is looked a
 # How long the supervisor's own late wake-ups are remembered: the measure of how long this process was
 # kept from running (a host whose cores are all busy), which a check's timeout is not held against.
 LATENESS_MEMORY_S = 30.0
+MAX_STARVED_CREDIT_S = 1.0  # the most a check's timeout grows for it
+
+
+def lateness(began: float, wait: float, asked: Optional[float], woke: float) -> float:
+    """How much later than it should have the supervisor ran again: at the end of its wait, or when a
+    wake-up was asked for during it. That much, this process was kept from running (busy cores, a GIL held
+    elsewhere). A wake-up asked for before the wait began was already pending: the wait ended at once."""
+    due = began + wait if asked is None else min(began + wait, max(began, asked))
+    return max(0.0, woke - due)
 
 
 class SupervisedRank(Protocol):
@@ -116,11 +125,9 @@ class Supervisor:
             began = self.clock()
             self._wake.wait(wait)
             woke = self.clock()
+            self._wake.clear()  # before reading the ask: a wake-up asked for after this read wakes the next wait
             asked, self._asked_at = self._asked_at, None
-            self._wake.clear()
-            # It should have run at the end of its wait, or when a wake-up was asked for: anything later
-            # is time this process was kept from running (busy cores, a GIL held elsewhere).
-            self.note_lateness(woke, woke - max(began, min(began + wait, asked if asked is not None else woke)))
+            self.note_lateness(woke, lateness(began, wait, asked, woke))
 
     def note_lateness(self, at: float, late: float) -> None:
         if late > 0.0005:
@@ -212,7 +219,8 @@ class Supervisor:
             if call is not None and not call.finished:
                 # A check gets its whole timeout of running time: while this process was kept from running,
                 # its worker (and the answer's reader) most likely was too, so that time is added to it.
-                starved = self.starved_since(check.started)
+                # At most MAX_STARVED_CREDIT in all: a hung backend is still found on a host that stays starved.
+                starved = min(self.starved_since(check.started), MAX_STARVED_CREDIT_S)
                 if starved > check.credited:
                     check.timeout += starved - check.credited
                     check.credited = starved

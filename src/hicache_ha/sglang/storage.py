@@ -240,8 +240,8 @@ class HAStorage(HiCacheStorage):
             return PoolTransferResult(0, {}, [])
         # One round trip for every page of every pool; a pool not registered has no page to restore.
         spaces = [self.manager.kv] + [self.namespaces.get(_name(t.name)) for t in transfers]
-        sizes = [self._kv_page()] + [self.pools.get(_name(t.name)) for t in transfers]
-        asked = [(ns, pool) for ns, pool in zip(spaces, sizes) if ns is not None]
+        pools = [self._kv_page()] + [self.pools.get(_name(t.name)) for t in transfers]
+        asked = [(ns, pool) for ns, pool in zip(spaces, pools) if ns is not None]
         found = self.manager.path.exists_each([sk for ns, _p in asked for sk in ns.keys(keys)],
                                               [pool.page_bytes if pool else None for _ns, pool in asked for _ in keys])
         if found is None:

@@ -25,15 +25,30 @@ import time
 from contextlib import contextmanager
 from typing import Any, ClassVar, Iterator, Optional, Sequence
 
-from ..base import Backend, BackendContext, Capabilities, join_parts, page_nbytes
+from ..base import Backend, BackendContext, Capabilities, page_nbytes
 from ..envelope import checksum
 from ..errors import BackendError, BackendUnavailable, ConfigError, CorruptPage
 from .built import RECORD, Built, Staged, construct
 from .config import SGLangConfig
 from .profiles import Profile, profile_for
-from .v1pages import NotStored, prefix, read_kv, read_units, unit_count, unit_keys, write_kv, write_units
+from .v1pages import (NotStored, last_unit_key, prefix, read_kv, read_units, unit_count, write_kv,
+                      write_units)
 
 log = logging.getLogger("hicache_ha.backends")
+
+
+def _sizes(nbytes: Any, n: int) -> list:
+    return list(nbytes) if isinstance(nbytes, (list, tuple)) else [nbytes] * n
+
+
+def _runs(sizes: list) -> list[tuple[int, int]]:
+    """(start, stop) of each run of equal sizes: the host asks about one pool after another."""
+    runs, start = [], 0
+    for i in range(1, len(sizes) + 1):
+        if i == len(sizes) or sizes[i] != sizes[start]:
+            runs.append((start, i))
+            start = i
+    return runs
 
 _INSTALL_HINT = "type 'sglang' needs the sglang package: pip install sglang (with its storage backend's client)"
 PROBE_KEY = "__hicache_ha_probe__"
@@ -125,7 +140,7 @@ class SGLangBackend(Backend):
             return
         with self._lock:
             if self._closed:
-                built.close()
+                built.close(park=self.profile.park_on_close(self.config.extra_config))
                 return
             self._built, self._failure = built, None
         log.info("hicache-ha: %r: SGLang's %s backend built in %.2f s%s", self.name, self.config.backend,
@@ -167,22 +182,47 @@ class SGLangBackend(Backend):
         built = self._require()
         return int(self._call("batch_exists", built.storage.batch_exists, list(keys)) or 0)
 
-    def exists_each(self, keys: Sequence[str], nbytes=None) -> list[bool]:
-        """Per key, in one round trip where the backend allows: a page's checksum record is stored after
-        the page, so it says the whole page is there; else the backend's own per-key lookup, else one
-        ``batch_exists`` per key. A page of another pool (v1) is there when its last unit is."""
-        built = self._require()
-        keys = list(keys)
-        if built.sums is not None:
-            return self._call("checksum records", built.sums.exists, keys)
-        if built.bounce is not None:
-            sizes = nbytes if isinstance(nbytes, (list, tuple)) else [nbytes] * len(keys)
-            pb = built.bounce.page_bytes
-            keys = [k if size in (None, pb) else unit_keys(k, size, pb)[-1] for k, size in zip(keys, sizes)]
-        if self.profile.exists_each is not None:
-            return self._call("batch_exists", self.profile.exists_each, built.storage, keys)
-        return [bool(self._call("batch_exists", built.storage.batch_exists, [k])) for k in keys]
+    # -- which pages, under which keys ---------------------------------------------------------------
+    def _takes(self, built: Built, size: Optional[int]) -> bool:
+        """Does this backend store a page of ``size``? (AIBrix only takes pages shaped like the KV pool's.)"""
+        return not self.profile.kv_only or size is None or size == self._kv_bytes(built)
 
+    def _kv_bytes(self, built: Built) -> int:
+        return built.bounce.page_bytes if built.bounce is not None else self._page_bytes()
+
+    def _is_unitized(self, built: Built, size: Optional[int]) -> bool:
+        """A page another pool's size, through a bounce pool: stored as slot-sized units."""
+        return built.bounce is not None and size is not None and size != built.bounce.page_bytes
+
+    def _cut(self, flags: list[bool]) -> list[bool]:
+        """Answers past a miss, where the backend's reads after one cannot be trusted (3FS)."""
+        return flags if self.profile.reads_past_a_miss else prefix(flags)
+
+    def exists_pages(self, keys: Sequence[str], nbytes=None) -> list[bool]:
+        """Per page: from the checksum records where they are kept (a record is stored after its page, so
+        it says the whole page is there: one round trip); else from the backend's own per-key lookup
+        (3FS, NIXL: one round trip); else one ``batch_exists`` per pool, whose prefix count is all such a
+        backend tells. A page stored as units is there when its last unit is."""
+        built = self._require()
+        keys, sizes = list(keys), _sizes(nbytes, len(keys))
+        asked = [i for i, size in enumerate(sizes) if self._takes(built, size)]
+        names = [last_unit_key(keys[i], sizes[i], built.bounce.page_bytes) if self._is_unitized(built, sizes[i])
+                 else keys[i] for i in asked]
+        if built.sums is not None:
+            found = self._call("checksum records", built.sums.exists, [keys[i] for i in asked])
+        elif self.profile.exists_each is not None:
+            found = self._call("batch_exists", self.profile.exists_each, built.storage, names)
+        else:
+            found = []
+            for start, stop in _runs([sizes[i] for i in asked]):
+                hits = int(self._call("batch_exists", built.storage.batch_exists, names[start:stop]) or 0)
+                found += [j < hits for j in range(stop - start)]
+        out = [False] * len(keys)
+        for i, ok in zip(asked, found):
+            out[i] = bool(ok)
+        return out
+
+    # -- reads (on the member's workers) -------------------------------------------------------------
     def get(self, keys: Sequence[str], nbytes=None) -> list:
         with self.fetch(keys, nbytes) as pages:
             return [None if p is None or isinstance(p, CorruptPage) else bytes(b"".join(p) if isinstance(p, tuple)
@@ -191,26 +231,23 @@ class SGLangBackend(Backend):
     @contextmanager
     def fetch(self, keys: Sequence[str], nbytes=None) -> Iterator[list]:
         built = self._require()
-        keys = list(keys)
-        sizes = list(nbytes) if isinstance(nbytes, (list, tuple)) else [nbytes] * len(keys)
+        keys, sizes = list(keys), _sizes(nbytes, len(keys))
         if built.bounce is None:
-            pages = self._legacy_get(built, keys, sizes)
-            flags = prefix([p is not None for p in pages])
-            yield self._verified(built, keys, [p if ok else None for p, ok in zip(pages, flags)])
+            yield self._verified(built, keys, self._legacy_get(built, keys, sizes))
             return
         bounce, step = built.bounce, self.config.batch_pages
         out: list = [None] * len(keys)
-        kv = [i for i, size in enumerate(sizes) if size in (None, bounce.page_bytes)]
-        other = [i for i, size in enumerate(sizes) if size not in (None, bounce.page_bytes)]
+        kv = [i for i, size in enumerate(sizes) if not self._is_unitized(built, size)]
+        other = [i for i, size in enumerate(sizes) if self._is_unitized(built, size)]
         get = self._v1_call("batch_get_v1", built)
         if other:  # copied out of the slots first, so that the KV pages can stay in theirs
-            for i, page in zip(other, read_units(get, bounce, [keys[i] for i in other], [sizes[i] for i in other],
-                                                 step)):
+            pages = read_units(get, bounce, [keys[i] for i in other], [sizes[i] for i in other], step, self._cut)
+            for i, page in zip(other, pages):
                 out[i] = page
         slots = bounce.acquire(len(kv)) if kv else None
         try:
             if slots is not None:
-                for i, page in zip(kv, read_kv(get, slots, [keys[i] for i in kv], step)):
+                for i, page in zip(kv, read_kv(get, slots, [keys[i] for i in kv], step, self._cut)):
                     out[i] = page
             yield self._verified(built, keys, out)
         finally:
@@ -225,17 +262,17 @@ class SGLangBackend(Backend):
         import torch
 
         out: list = [None] * len(keys)
+        asked = [i for i, size in enumerate(sizes) if self._takes(built, size)]
         if self.profile.exists_before_get:  # a partial hit fails its whole batch_get: ask for the prefix
-            keys = keys[:int(self._call("batch_exists", built.storage.batch_exists, keys) or 0)]
-            if not keys:
-                return out
-        if None in sizes:
-            sizes = [size or self._page_bytes() for size in sizes]
-        targets = [self._tensor(torch.empty(size, dtype=torch.uint8)) for size in sizes[:len(keys)]]
-        got = self._call("batch_get", built.storage.batch_get, keys, targets)
+            asked = asked[:int(self._call("batch_exists", built.storage.batch_exists, [keys[i] for i in asked]) or 0)]
+        if not asked:
+            return out
+        targets = [self._tensor(torch.empty(sizes[i] or self._page_bytes(), dtype=torch.uint8)) for i in asked]
+        got = self._call("batch_get", built.storage.batch_get, [keys[i] for i in asked], targets)
         if isinstance(got, list):
-            for i, t in enumerate(got[:len(keys)]):
-                out[i] = None if t is None else t.contiguous().view(torch.uint8).reshape(-1).numpy()
+            flags = self._cut([t is not None for t in got[:len(asked)]])
+            for i, t, ok in zip(asked, got, flags):
+                out[i] = t.contiguous().view(torch.uint8).reshape(-1).numpy() if ok else None
         return out
 
     def _tensor(self, raw: Any) -> Any:
@@ -271,41 +308,40 @@ class SGLangBackend(Backend):
                 pages[i] = CorruptPage(f"page {keys[i]!r}: does not match its checksum record")
         return pages
 
-    # -- writes: staged on the engine thread, stored on a worker ------------------------------------
+    # -- writes: copied on the engine thread, stored (and checksummed) on a worker -------------------
     def stage(self, keys: Sequence[str], values: Sequence[Any]) -> Any:
         built = self._built
         if built is None:  # the worker's set will say why it cannot store
             return super().stage(keys, values)
         keys = list(keys)
+        sizes = [page_nbytes(v) for v in values]
+        taken = [i for i, size in enumerate(sizes) if self._takes(built, size)]
+        takes = frozenset(taken)
+        stored = None if len(taken) == len(keys) else [i in takes for i in range(len(keys))]
         if built.bounce is None:
-            pages = super().stage(keys, values)
-            return Staged(built, None, keys, pages, [], built.records(keys, pages))
+            pages = super().stage([keys[i] for i in taken], [values[i] for i in taken])
+            return Staged(built, None, [keys[i] for i in taken], pages, [], stored)
         bounce = built.bounce
-        kv = [i for i, v in enumerate(values) if page_nbytes(v) == bounce.page_bytes]
-        taken = set(kv)
-        foreign = [(keys[i], bytearray(join_parts(v))) for i, v in enumerate(values) if i not in taken]
+        kv = [i for i in taken if not self._is_unitized(built, sizes[i])]
+        # Copied now: a late worker must never read engine memory the engine reused.
+        foreign = [(keys[i], b"".join(values[i]) if isinstance(values[i], tuple) else bytes(values[i]))
+                   for i in taken if self._is_unitized(built, sizes[i])]
         # The KV pages' slots, which also pass the other pools' pages through once the KV pages are stored
         # (a batch of them at most, whatever their size).
         units = sum(unit_count(len(p), bounce.page_bytes) for _k, p in foreign)
-        need = max(len(kv), min(units, self.config.batch_pages))
-        slots = bounce.acquire(need)  # Refused when there is no room: our own load
+        slots = bounce.acquire(max(len(kv), min(units, self.config.batch_pages)))  # Refused: our own load
         try:
             slots.write([values[i] for i in kv])
-            kv_keys = [keys[i] for i in kv]
-            records = built.records(kv_keys, slots.read(0, len(kv)) if kv else [])
-            if records is not None:
-                more = built.records([k for k, _p in foreign], [p for _k, p in foreign])
-                records = (records[0] + more[0], records[1] + more[1])
         except BaseException:
             slots.release()
             raise
-        return Staged(built, slots, kv_keys, None, foreign, records)
+        return Staged(built, slots, [keys[i] for i in kv], None, foreign, stored)
 
     def unstage(self, staged: Any) -> None:
         if isinstance(staged, Staged):
             staged.release()
 
-    def set(self, keys: Sequence[str], values: Any) -> None:
+    def set(self, keys: Sequence[str], values: Any) -> Optional[list[bool]]:
         if not isinstance(values, Staged):  # staged before the backend was built
             self._require()
             raise BackendUnavailable(f"{self.name!r}: built while this write was queued; it is dropped",
@@ -315,6 +351,10 @@ class SGLangBackend(Backend):
             built = staged.built
             if built is not self._built:
                 raise BackendUnavailable(f"{self.name!r} was rebuilt while this write was queued", backend=self.name)
+            # Records from the member's own copy, before the slots pass other pools' pages through.
+            kv_pages = staged.pages if staged.pages is not None else staged.slots.read(0, len(staged.keys))
+            records = built.records(staged.keys + [k for k, _p in staged.foreign],
+                                    list(kv_pages) + [p for _k, p in staged.foreign])
             try:
                 if built.bounce is None:
                     self._legacy_set(built, staged)
@@ -324,17 +364,21 @@ class SGLangBackend(Backend):
                     if staged.foreign:  # through the same slots, now that the KV pages are stored
                         write_units(put, staged.slots, [k for k, _p in staged.foreign],
                                     [p for _k, p in staged.foreign], what)
-            except NotStored as exc:  # it answered, but stored nothing: it may need re-initialising
+            except NotStored as exc:  # it answered, but did not store: it may need re-initialising
+                exc.backend = self.name
                 self._repair(built, exc)
                 raise
-            if staged.records is not None and staged.records[0]:
-                self._call("checksum records", built.sums.put, *staged.records)
+            if records is not None and records[0]:
+                self._call("checksum records", built.sums.put, *records)
+            return staged.stored
         finally:
             staged.release()
 
     def _legacy_set(self, built: Built, staged: Staged) -> None:
         import torch
 
+        if not staged.keys:
+            return
         ok = self._call("batch_set", built.storage.batch_set, staged.keys,
                         [self._tensor(torch.frombuffer(p, dtype=torch.uint8)) for p in staged.pages])
         if not ok:
@@ -387,7 +431,7 @@ class SGLangBackend(Backend):
             self._closed = True
             built, self._built = self._built, None
         if built is not None:
-            built.close()
+            built.close(park=self.profile.park_on_close(self.config.extra_config))
 
     def describe(self) -> dict:
         built = self._built

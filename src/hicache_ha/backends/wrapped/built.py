@@ -3,9 +3,11 @@ its checksum records live; and the pages of one write, staged for it on the engi
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import struct
+import threading
 from typing import Any, Optional, Sequence
 
 from ..base import BackendContext
@@ -31,13 +33,38 @@ class Built:
             return None
         return keys, [RECORD.pack(*checksum(k, p)) for k, p in zip(keys, pages)]
 
-    def close(self) -> None:
-        close = getattr(self.storage, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:
-                log.debug("hicache-ha: closing SGLang's backend failed", exc_info=True)
+    def close(self, park: bool = False) -> None:
+        """Close SGLang's backend on a daemon thread of its own, and free what it holds there, so that
+        neither the thread closing a member (an agent's command, SGLang's shutdown) nor whichever thread
+        drops the last reference later waits on it. Its teardown may still hold the GIL: Mooncake's does for
+        ~2 s (measured), which stops every thread meanwhile. With ``park``, never tear it down in this
+        process: Mooncake's client in HA mode holds the GIL ~30 s. The operating system takes its memory
+        back at exit, and the master forgets the client after its TTL."""
+        if park:
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(self))  # not even the interpreter's exit frees it
+            _PARKED.append(self)
+            log.info("hicache-ha: SGLang's backend %s kept until the process exits (%d kept): tearing it down "
+                     "would stop every thread for seconds", type(self.storage).__name__, len(_PARKED))
+            return
+        threading.Thread(target=_release, args=(self.storage, self.sums, self.bounce), daemon=True,
+                         name="hicache-ha-close").start()
+
+
+_PARKED: list[Built] = []
+
+
+def _release(storage: Any, sums: Any, bounce: Any) -> None:
+    close = getattr(storage, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            log.debug("hicache-ha: closing SGLang's backend failed", exc_info=True)
+    for holder in (sums, storage):  # their clients are freed here (the bounce pool they use only after)
+        attrs = getattr(holder, "__dict__", None)
+        if attrs is not None:
+            attrs.clear()
+    del bounce
 
 
 def construct(cfg: SGLangConfig, profile: Profile, context: BackendContext) -> Built:
@@ -74,19 +101,18 @@ def construct(cfg: SGLangConfig, profile: Profile, context: BackendContext) -> B
 
 class Staged:
     """Pages of one set, copied out of engine memory on the engine thread: KV pages into bounce slots (v1),
-    pages of other pools (v1) and every page (legacy) into buffers of their own. Their checksum records
-    are computed from that copy."""
+    pages of other pools (v1) and every page (legacy) into buffers of their own."""
 
-    __slots__ = ("built", "slots", "keys", "pages", "foreign", "records")
+    __slots__ = ("built", "foreign", "keys", "pages", "slots", "stored")
 
     def __init__(self, built: Built, slots: Any, keys: list, pages: Optional[list], foreign: list,
-                 records: Optional[tuple[list, list]]):
+                 stored: Optional[list[bool]]):
         self.built = built
         self.slots = slots  # bounce slots holding the KV pages, in key order
-        self.keys = keys  # the KV pages' keys (v1), or every key (legacy)
-        self.pages = pages  # legacy: every page
+        self.keys = keys  # the KV pages' keys (v1), or the keys of every page it takes (legacy)
+        self.pages = pages  # legacy: the pages it takes
         self.foreign = foreign  # v1: (key, buffer) of each page of another pool
-        self.records = records  # (keys, records) of every page, with verification
+        self.stored = stored  # None: it takes every page; else per key, False for a page it does not take
 
     def release(self) -> None:
         if self.slots is not None:

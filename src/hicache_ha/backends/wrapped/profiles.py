@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from ..errors import BackendError, BackendRejected, BackendUnavailable
+from .v1pages import fold
 
 log = logging.getLogger("hicache_ha.backends")
 
@@ -50,6 +51,10 @@ class Profile:
     signal_modules: tuple = ()  # modules whose ``signal.signal`` calls are kept from the host process
     exists_before_get: bool = False  # its batch_get fails as a whole on a partial hit: get the prefix only
     exists_each: Optional[Callable[[Any, list], list]] = None  # (built backend, keys) -> stored, per key
+    reads_past_a_miss: bool = True  # False: a read's answers after a miss cannot be trusted (3FS)
+    kv_only: bool = False  # stores only pages shaped like the KV pool's (other pools' pages are not taken)
+    # Its client's teardown holds the GIL for tens of seconds with this extra_config: never torn down in-process.
+    park_on_close: Callable[[dict], bool] = lambda extra: False
     unverified_because: str = ""
 
     @property
@@ -108,10 +113,17 @@ def _master_entry(value: Any) -> Optional[list[str]]:
     return endpoints if endpoints and all(_host_port(e) for e in endpoints) else None
 
 
+def _mooncake_ha(extra: dict) -> bool:
+    """Masters in HA mode: the client's teardown holds the GIL ~30 s (measured; ~2 s otherwise)."""
+    return str(extra.get("master_server_address", "")).startswith(("etcd://", "redis://"))
+
+
 def _check_mooncake(extra: dict) -> Optional[str]:
     if "master_server_address" in extra and _master_entry(extra["master_server_address"]) is None:
         return ("master_server_address must be 'host:port', or a master cluster in HA mode "
                 f"('etcd://host:port[;host:port...]', 'redis://host:port'), got {extra['master_server_address']!r}")
+    if _mooncake_ha(extra) and extra.get("check_server"):
+        return "check_server must be false with masters in HA mode (SGLang's check reads a host:port address)"
     if "client_server_address" in extra and not _host_port(extra["client_server_address"]):
         return f"client_server_address must be 'host:port', got {extra['client_server_address']!r}"
     size = extra.get("global_segment_size")
@@ -291,21 +303,16 @@ def _repair_hf3fs(storage: Any, exc: BaseException) -> bool:
 
 def _exists_each_hf3fs(storage: Any, keys: list) -> list[bool]:
     """One metadata request for every key (SGLang's batch_exists asks the same, and keeps the prefix)."""
-    per = 2 if storage.mha_zero_copy else 1
-    query = storage._get_mha_zero_copy_keys(keys) if per == 2 else keys
-    found = storage.metadata_client.exists(storage.rank, query)
-    return [all(found[i * per:(i + 1) * per]) for i in range(len(keys))]
+    query = storage._get_mha_zero_copy_keys(keys) if storage.mha_zero_copy else keys  # K and V halves
+    return fold(storage.metadata_client.exists(storage.rank, query), len(keys))
 
 
 # -- NIXL ---------------------------------------------------------------------------------------------
 def _exists_each_nixl(storage: Any, keys: list) -> list[bool]:
     """One query for every key's files (SGLang's batch_exists asks the same, and keeps the prefix)."""
-    if storage.is_zero_copy:
-        query, per = storage._get_key_list_from_meta(keys), 1 if storage.is_mla_model else 2
-    else:
-        query, per = [storage._get_suffixed_key(k) for k in keys], 1
-    found = storage._query_keys_exist(query)
-    return [all(found[i * per:(i + 1) * per]) for i in range(len(keys))]
+    query = (storage._get_key_list_from_meta(keys) if storage.is_zero_copy  # (_k, and _v but for MLA)
+             else [storage._get_suffixed_key(k) for k in keys])
+    return fold(storage._query_keys_exist(query), len(keys))
 
 
 def _clear_nixl(storage: Any, prefix: str) -> None:
@@ -425,9 +432,9 @@ def kept_signals(module_names: tuple) -> Iterator[None]:
 # -- the table ----------------------------------------------------------------------------------------
 PROFILES = {
     "mooncake": Profile("mooncake", known_keys=MOONCAKE_KEYS, check=_check_mooncake, preflight=_preflight_mooncake,
-                        sums=MooncakeSums, clear=_clear_mooncake, tune=_tune_mooncake),
+                        sums=MooncakeSums, clear=_clear_mooncake, tune=_tune_mooncake, park_on_close=_mooncake_ha),
     "hf3fs": Profile("hf3fs", known_keys=frozenset({"use_mock_hf3fs_client"}), repair=_repair_hf3fs,
-                     exists_each=_exists_each_hf3fs,
+                     exists_each=_exists_each_hf3fs, reads_past_a_miss=False,
                      signal_modules=("sglang.srt.mem_cache.storage.hf3fs.storage_hf3fs",),
                      unverified_because="every 3FS key takes one page-sized slot: a checksum record would cost a "
                                         "page; pages after a missing one are never served (SGLang 0.5.23's "
@@ -437,7 +444,7 @@ PROFILES = {
                                        "False for the whole batch (measured: truncated or empty files are misses)"),
     "seaweedfs": Profile("seaweedfs", known_keys=SEAWEEDFS_KEYS, check=_check_seaweedfs, sums=LegacySums,
                          clear=_clear_seaweedfs, repair=_repair_seaweedfs, tune=_tune_seaweedfs),
-    "aibrix": Profile("aibrix", exists_before_get=True,
+    "aibrix": Profile("aibrix", exists_before_get=True, kv_only=True,
                       unverified_because="AIBrix stores only whole cache blocks shaped like the pool's pages"),
     "file": Profile("file", known_keys=frozenset({"file_storage_path", "enable_metadata_cache", "metadata_ttl",
                                                   "max_size", "min_free_space", "eviction_ratio"}),

@@ -13,11 +13,12 @@ needs at most one batch of slots for them, whatever their size.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from ..base import join_parts
 from ..errors import BackendError
-from .bounce import BouncePool, Slots
+
+if TYPE_CHECKING:  # (no torch at import: the profiles' config checks use fold)
+    from .bounce import BouncePool, Slots
 
 UNIT = "@u"
 BackendCall = Callable[[list, Any], Any]  # (keys, host indices) -> the backend's answer
@@ -33,6 +34,10 @@ def unit_count(size: int, page_bytes: int) -> int:
 
 def unit_keys(key: str, size: int, page_bytes: int) -> list[str]:
     return [f"{key}{UNIT}{j}" for j in range(unit_count(size, page_bytes))]
+
+
+def last_unit_key(key: str, size: int, page_bytes: int) -> str:
+    return f"{key}{UNIT}{unit_count(size, page_bytes) - 1}"
 
 
 def fold(flags: Any, n: int) -> list[bool]:
@@ -56,12 +61,15 @@ def prefix(flags: list[bool]) -> list[bool]:
     return out
 
 
-def read_kv(get: BackendCall, slots: Slots, keys: list[str], step: int) -> list:
+Cut = Callable[[list[bool]], list[bool]]  # what a backend's per-key answers can be trusted for
+
+
+def read_kv(get: BackendCall, slots: Slots, keys: list[str], step: int, cut: Cut) -> list:
     """KV pages into ``slots`` (one per key), in steps of ``step``: each page as the slots hold it, or None."""
     out: list = [None] * len(keys)
     for start in range(0, len(keys), step):
         part = keys[start:start + step]
-        flags = prefix(fold(get(part, slots.part(start, start + len(part))), len(part)))
+        flags = cut(fold(get(part, slots.part(start, start + len(part))), len(part)))
         for j, page in enumerate(slots.read(start, start + len(part))):
             if flags[j]:
                 out[start + j] = page
@@ -75,7 +83,7 @@ def write_kv(put: BackendCall, slots: Slots, keys: list[str], step: int, what: s
         _all_stored(fold(put(part, slots.part(start, start + len(part))), len(part)), what)
 
 
-def read_units(get: BackendCall, bounce: BouncePool, keys: list[str], sizes: list[int], step: int) -> list:
+def read_units(get: BackendCall, bounce: BouncePool, keys: list[str], sizes: list[int], step: int, cut: Cut) -> list:
     """Pages of other pools, unit by unit through at most ``step`` slots: a buffer of its own per page
     whose units all came back, else None."""
     pb = bounce.page_bytes
@@ -85,7 +93,7 @@ def read_units(get: BackendCall, bounce: BouncePool, keys: list[str], sizes: lis
     try:
         for start in range(0, len(plan), len(slots.pages)):
             part = plan[start:start + len(slots.pages)]
-            flags = prefix(fold(get([key for _i, _j, key in part], slots.part(0, len(part))), len(part)))
+            flags = cut(fold(get([key for _i, _j, key in part], slots.part(0, len(part))), len(part)))
             for (i, j, _key), ok, unit in zip(part, flags, slots.read(0, len(part))):
                 page = pages[i]
                 if page is None:
@@ -93,11 +101,21 @@ def read_units(get: BackendCall, bounce: BouncePool, keys: list[str], sizes: lis
                 if not ok:
                     pages[i] = None
                     continue
-                at = j * pb
-                page[at:at + pb] = bytes(join_parts(unit))[:len(page) - at]
+                _copy_into(page, j * pb, unit)
     finally:
         slots.release()
     return pages
+
+
+def _copy_into(page: bytearray, at: int, unit: Any) -> None:
+    """A unit's bytes (one buffer, or its pieces of slot memory) into ``page`` from ``at``, cut at its end."""
+    for piece in unit if isinstance(unit, tuple) else (unit,):
+        view = memoryview(piece).cast("B")
+        n = min(view.nbytes, len(page) - at)
+        if n <= 0:
+            return
+        page[at:at + n] = view[:n]
+        at += n
 
 
 def write_units(put: BackendCall, slots: Slots, keys: list[str], pages: Sequence[Any], what: str) -> None:
