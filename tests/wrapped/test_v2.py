@@ -8,6 +8,7 @@ import pytest
 import torch
 from sglang.srt.mem_cache.hicache_storage import PoolHitPolicy, PoolName, PoolTransfer
 
+from hicache_ha.sim.wrapped_faults import S3_DEADLINES
 from tests.sglang.realpools import mamba_pool, mha_pool
 from tests.wrapped.conftest import KINDS, VERIFIED, build, engine_pool, fill, ha, member, pages_at, wait_healthy
 
@@ -22,7 +23,10 @@ def hybrid(kind: str, request, tmp_path):
     kv = engine_pool(kind, layers=1)
     pools = {PoolName.KV: kv, PoolName.SWA: mha_pool("page_first", torch.bfloat16, layers=3),
              PoolName.INDEXER: mha_pool("layer_first", torch.bfloat16, layers=1), PoolName.MAMBA: mamba_pool()}
-    s = build(ha(member(kind, request, tmp_path)), pool=kv)
+    # An S3 store answers an exists with one request per page (here per checksum record): it gets the
+    # deadlines an operator of one would give it (as in the fault matrix).
+    deadlines = {"deadlines_ms": S3_DEADLINES} if kind == "seaweedfs" else {}
+    s = build(ha(member(kind, request, tmp_path), **deadlines), pool=kv)
     for name, pool in pools.items():
         s.register_mem_host_pool_v2(pool, name)
     s.on_host_pools_registered()

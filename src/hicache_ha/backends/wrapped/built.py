@@ -34,12 +34,11 @@ class Built:
         return keys, [RECORD.pack(*checksum(k, p)) for k, p in zip(keys, pages)]
 
     def close(self, park: bool = False) -> None:
-        """Close SGLang's backend on a daemon thread of its own, and free what it holds there, so that
-        neither the thread closing a member (an agent's command, SGLang's shutdown) nor whichever thread
-        drops the last reference later waits on it. Its teardown may still hold the GIL: Mooncake's does for
-        ~2 s (measured), which stops every thread meanwhile. With ``park``, never tear it down in this
-        process: Mooncake's client in HA mode holds the GIL ~30 s. The operating system takes its memory
-        back at exit, and the master forgets the client after its TTL."""
+        """Close SGLang's backend on a daemon thread of its own, so that the thread closing a member (an
+        agent's command, SGLang's shutdown) never waits on it. Its teardown may still hold the GIL
+        (Mooncake's does for ~2 s, measured), which stops every thread meanwhile. With ``park``, never tear
+        it down in this process: Mooncake's client in HA mode holds the GIL ~30 s. The operating system
+        takes its memory back at exit, and the master forgets the client after its TTL."""
         if park:
             ctypes.pythonapi.Py_IncRef(ctypes.py_object(self))  # not even the interpreter's exit frees it
             _PARKED.append(self)
@@ -60,11 +59,7 @@ def _release(storage: Any, sums: Any, bounce: Any) -> None:
             close()
         except Exception:
             log.debug("hicache-ha: closing SGLang's backend failed", exc_info=True)
-    for holder in (sums, storage):  # their clients are freed here (the bounce pool they use only after)
-        attrs = getattr(holder, "__dict__", None)
-        if attrs is not None:
-            attrs.clear()
-    del bounce
+    del storage, sums, bounce  # the bounce pool outlives the backend's close, which may still use it
 
 
 def construct(cfg: SGLangConfig, profile: Profile, context: BackendContext) -> Built:
