@@ -1,7 +1,6 @@
 """The chaos suite, short profile: every fault on real processes with the CPUs busy (stress-ng on
 every core). The long profile is ``make chaos`` (bench/chaos.py)."""
 
-import os
 
 import pytest
 

@@ -1,6 +1,5 @@
 """One leader, a control plane that never stops SGLang, HTTPS, and a failback the group makes once."""
 
-import logging
 import os
 import socket
 import stat

@@ -252,7 +252,6 @@ def test_a_failed_probe_sends_it_back_with_a_doubled_backoff(world):
     primary = m["primary"]
     primary.backend.down = True
     run(sup, clock, 0.3)
-    tripped_at = clock.now
     run(sup, clock, 0.6)  # backoff over; the probe fails
     assert primary.state == CIRCUIT_BROKEN and primary.breaker.trips == 2
     assert primary.breaker.retry_at - clock.now > 0.5

@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 import prometheus_client
 import pytest
-import torch
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 from sglang.srt.observability.metrics_collector import StorageMetrics, StorageMetricsCollector
 
