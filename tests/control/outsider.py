@@ -4,6 +4,7 @@ impostor, or a compromised rank. It speaks the wire protocol by hand."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Optional
 
 import zmq
@@ -57,6 +58,15 @@ class ForgedController:
 
     def send(self, peer: bytes, msg: dict) -> None:
         self.sock.send_multipart([peer, json.dumps(msg).encode()], zmq.NOBLOCK)
+
+    def hear_every_rank(self, ranks: int, timeout_s: float = 20.0) -> None:
+        """Until each of ``ranks`` rank agents has sent a heartbeat here (it reconnected to this port)."""
+        heard, deadline = set(), time.monotonic() + timeout_s
+        while len(heard) < ranks:
+            assert time.monotonic() < deadline, f"ranks heard: {sorted(heard)}"
+            got = self.receive(0.2)
+            if got is not None and got[1].get("type") == "heartbeat":
+                heard.add(got[0])
 
     def close(self) -> None:
         self.sock.close(0)

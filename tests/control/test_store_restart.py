@@ -198,12 +198,7 @@ def test_the_state_redis_restarts_empty_and_the_fleet_is_not_wedged(pair):
     keys = channel_keys(KEY, "default")
     ghost = ForgedController(f"tcp://127.0.0.1:{d.agent_port}", keys.controller_public, keys.controller_secret)
     try:
-        heard, deadline = set(), time.monotonic() + 20
-        while len(heard) < RANKS:
-            assert time.monotonic() < deadline, f"ranks heard: {sorted(heard)}"
-            got = ghost.receive(0.2)
-            if got is not None and got[1].get("type") == "heartbeat":
-                heard.add(got[0])
+        ghost.hear_every_rank(RANKS)
         for r in range(RANKS):
             for fence in (old, 1):
                 ghost.send(f"rank-{r}".encode(), {"type": "command", "id": f"{r}-{fence}", "op": "detach",
