@@ -6,23 +6,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from hicache_ha import BackendManager, Layout
 from hicache_ha.observe.metrics import RankMetrics, registry_for, render
 from tests.control.conftest import AUTH, wait_for
 from tests.helpers import GATE
+from tests.observe.conftest import scrape, solo_process
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-
-
-def scrape(text: str) -> dict:
-    """name -> list of (labels, value) samples."""
-    out: dict = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out.setdefault(s.name, []).append((s.labels, s.value))
-    return out
 
 
 def has(samples, labels: dict, value: float) -> bool:
@@ -137,36 +128,25 @@ def test_without_a_controller_each_process_serves_metrics_and_readiness():
     member (ready on a healthy standby after a failover, not ready when detached)."""
     import httpx
 
-    from hicache_ha.config import parse
-    from hicache_ha.control.service import attach_control_plane
-    from hicache_ha.sim.servers import free_port
-
-    port = free_port()
-    cfg = parse({"backends": [{"name": "primary", "type": GATE}, {"name": "standby", "type": "memory"}],
-                 "admin": {"mode": "off", "deployment": "solo"}, "observe": {"metrics_port": port},
-                 "health": {"failure_rate": None, "slow_calls": None, "ping": {"interval_ms": 20, "timeout_ms": 50}}},
-                environ={})
-    m = BackendManager(cfg, Layout(model="m"))
-    plane = attach_control_plane(m, cfg)
-    gate = m.members["primary"].backend
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert httpx.get(f"{url}/healthz").json()["ok"] is True
-        ready = httpx.get(f"{url}/readyz")
-        assert ready.status_code == 200 and ready.json()["ranks"] == [
-            {"rank": 0, "ready": True, "active": "primary", "state": "healthy"}]
-        assert has(scrape(httpx.get(f"{url}/metrics").text)["hicache_ha_backend_active"],
-                   {"deployment": "solo", "rank": "0", "backend": "primary"}, 1.0)
-        gate.close_gate()  # the primary hangs: the rank fails over, and is ready on the standby
-        wait_for(lambda: m.status()["active"] == "standby", timeout=5, what="failover")
-        assert httpx.get(f"{url}/readyz").status_code == 200
-        m.detach(force=True)
-        answer = httpx.get(f"{url}/readyz")
-        assert answer.status_code == 503 and answer.json()["ranks"][0]["state"] == "detached"
-    finally:
-        gate.open_gate()
-        plane.close()
-        m.close()
+    health = {"failure_rate": None, "slow_calls": None, "ping": {"interval_ms": 20, "timeout_ms": 50}}
+    with solo_process([{"name": "primary", "type": GATE}, {"name": "standby", "type": "memory"}],
+                      health) as (m, url):
+        gate = m.members["primary"].backend
+        try:
+            assert httpx.get(f"{url}/healthz").json()["ok"] is True
+            ready = httpx.get(f"{url}/readyz")
+            assert ready.status_code == 200 and ready.json()["ranks"] == [
+                {"rank": 0, "ready": True, "active": "primary", "state": "healthy"}]
+            assert has(scrape(httpx.get(f"{url}/metrics").text)["hicache_ha_backend_active"],
+                       {"deployment": "solo", "rank": "0", "backend": "primary"}, 1.0)
+            gate.close_gate()  # the primary hangs: the rank fails over, and is ready on the standby
+            wait_for(lambda: m.status()["active"] == "standby", timeout=5, what="failover")
+            assert httpx.get(f"{url}/readyz").status_code == 200
+            m.detach(force=True)
+            answer = httpx.get(f"{url}/readyz")
+            assert answer.status_code == 503 and answer.json()["ranks"][0]["state"] == "detached"
+        finally:
+            gate.open_gate()
     try:  # closed: the port is free again
         httpx.get(f"{url}/healthz", timeout=1)
         raise AssertionError("still serving after close")
@@ -178,19 +158,7 @@ def test_the_process_endpoints_listen_where_metrics_host_says():
     """127.0.0.1 by default; an operator exposes them (0.0.0.0, or here another loopback address)."""
     import httpx
 
-    from hicache_ha.config import parse
-    from hicache_ha.control.service import attach_control_plane
-    from hicache_ha.sim.servers import free_port
-
-    port = free_port()
-    cfg = parse({"backends": [{"name": "primary", "type": "memory"}], "admin": {"mode": "off"},
-                 "observe": {"metrics_port": port, "metrics_host": "127.0.0.2"}}, environ={})
-    m = BackendManager(cfg, Layout(model="m"))
-    plane = attach_control_plane(m, cfg)
-    try:
-        assert httpx.get(f"http://127.0.0.2:{port}/healthz", timeout=5).json()["ok"] is True
+    with solo_process([{"name": "primary", "type": "memory"}], metrics_host="127.0.0.2") as (_, url):
+        assert httpx.get(f"{url}/healthz", timeout=5).json()["ok"] is True
         with pytest.raises(httpx.ConnectError):
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-    finally:
-        plane.close()
-        m.close()
+            httpx.get(url.replace("127.0.0.2", "127.0.0.1") + "/healthz", timeout=1)

@@ -7,15 +7,13 @@ HTTP servers for the process endpoints."""
 import httpx
 from fastapi.testclient import TestClient
 
-from hicache_ha import BackendManager, Layout
-from hicache_ha.config import parse
 from hicache_ha.control.api import create_app
 from hicache_ha.control.controller import Controller
-from hicache_ha.control.service import attach_control_plane
 from hicache_ha.control.state import FileStateStore
 from hicache_ha.sim.servers import free_port
 from tests.control.conftest import KEY, KEYS, wait_for
 from tests.helpers import GATE
+from tests.observe.conftest import solo_process
 
 MEM = [{"name": "primary", "type": "memory"}, {"name": "standby", "type": "memory"}]
 
@@ -63,31 +61,23 @@ def test_a_follower_is_ready_neither_way_even_with_every_rank_up(cluster_factory
 def test_a_process_is_not_ready_while_its_only_member_is_tripped_and_ready_once_it_recovered():
     """Without a controller: the active member trips and there is no standby to fail over to → 503 naming
     the member's state (circuit_broken, or recovering: not healthy either); it recovers → 200 again."""
-    port = free_port()
-    cfg = parse({"backends": [{"name": "only", "type": GATE}],
-                 "admin": {"mode": "off", "deployment": "solo"}, "observe": {"metrics_port": port},
-                 "health": {"failure_rate": None, "slow_calls": None, "ping": {"interval_ms": 20, "timeout_ms": 50},
-                            "backoff": {"base_ms": 50, "cap_ms": 200, "jitter": 0},
-                            "recovery": {"probes": 1, "trial_calls": 0}}},
-                environ={})
-    m = BackendManager(cfg, Layout(model="m"))
-    plane = attach_control_plane(m, cfg)
-    gate = m.members["only"].backend
-    url = f"http://127.0.0.1:{port}/readyz"
-    try:
-        assert httpx.get(url, timeout=5).status_code == 200
-        gate.close_gate()  # unanswered pings trip it
-        wait_for(lambda: httpx.get(url, timeout=5).status_code == 503, timeout=10, what="the trip to show")
-        body = httpx.get(url, timeout=5).json()
-        assert body["ready"] is False and body["deployment"] == "solo"
-        [rank] = body["ranks"]
-        # circuit_broken, or recovering while its probes hang on the closed gate: either way not healthy
-        assert (rank["rank"], rank["ready"], rank["active"]) == (0, False, "only")
-        assert rank["state"] in ("circuit_broken", "recovering")
-        gate.open_gate()
-        wait_for(lambda: httpx.get(url, timeout=5).status_code == 200, timeout=10, what="recovery")
-        assert m.status()["backends"][0]["state"] == "healthy"
-    finally:
-        gate.open_gate()
-        plane.close()
-        m.close()
+    health = {"failure_rate": None, "slow_calls": None, "ping": {"interval_ms": 20, "timeout_ms": 50},
+              "backoff": {"base_ms": 50, "cap_ms": 200, "jitter": 0}, "recovery": {"probes": 1, "trial_calls": 0}}
+    with solo_process([{"name": "only", "type": GATE}], health) as (m, base):
+        gate = m.members["only"].backend
+        url = f"{base}/readyz"
+        try:
+            assert httpx.get(url, timeout=5).status_code == 200
+            gate.close_gate()  # unanswered pings trip it
+            wait_for(lambda: httpx.get(url, timeout=5).status_code == 503, timeout=10, what="the trip to show")
+            body = httpx.get(url, timeout=5).json()
+            assert body["ready"] is False and body["deployment"] == "solo"
+            [rank] = body["ranks"]
+            # circuit_broken, or recovering while its probes hang on the closed gate: either way not healthy
+            assert (rank["rank"], rank["ready"], rank["active"]) == (0, False, "only")
+            assert rank["state"] in ("circuit_broken", "recovering")
+            gate.open_gate()
+            wait_for(lambda: httpx.get(url, timeout=5).status_code == 200, timeout=10, what="recovery")
+            assert m.status()["backends"][0]["state"] == "healthy"
+        finally:
+            gate.open_gate()

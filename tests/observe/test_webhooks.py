@@ -10,6 +10,7 @@ import pytest
 
 from hicache_ha.observe.webhooks import WebhookConfig, WebhookSink
 from tests.control.conftest import AUTH, wait_for
+from tests.observe.conftest import scrape
 
 
 class Receiver:
@@ -161,14 +162,9 @@ def test_invalid_webhook_config_is_refused():
 
 def deliveries(exposition: str, deployment: str) -> dict:
     """(receiver, result) -> value of hicache_ha_webhook_deliveries_total in a Prometheus exposition."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out = {}
-    for family in text_string_to_metric_families(exposition):
-        for s in family.samples:
-            if s.name == "hicache_ha_webhook_deliveries_total" and s.labels["deployment"] == deployment:
-                out[(s.labels["receiver"], s.labels["result"])] = s.value
-    return out
+    return {(labels["receiver"], labels["result"]): value
+            for labels, value in scrape(exposition).get("hicache_ha_webhook_deliveries_total", [])
+            if labels["deployment"] == deployment}
 
 
 def test_the_delivery_counters_count_each_receivers_results(receivers):
