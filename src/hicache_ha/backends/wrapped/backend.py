@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, ClassVar, Iterator, Optional, Sequence
 
-from ..base import Backend, BackendContext, Capabilities, page_nbytes
+from ..base import Backend, BackendContext, Capabilities, join_parts, page_nbytes
 from ..envelope import checksum
 from ..errors import BackendError, BackendUnavailable, ConfigError, CorruptPage
 from .built import RECORD, Built, Staged, construct
@@ -71,6 +71,7 @@ class SGLangBackend(Backend):
         self._lock = threading.Lock()
         self._closed = False
         self._unverified = 0  # pages read without a checksum record (served as misses)
+        self._kv_page_bytes: Optional[int] = None  # legacy backends: the engine pool's page size, once asked
         self._canary: Optional[bytes] = None
 
     @classmethod
@@ -140,7 +141,7 @@ class SGLangBackend(Backend):
             return
         with self._lock:
             if self._closed:
-                built.close(park=self.profile.park_on_close(self.config.extra_config))
+                built.close()
                 return
             self._built, self._failure = built, None
         log.info("hicache-ha: %r: SGLang's %s backend built in %.2f s%s", self.name, self.config.backend,
@@ -188,7 +189,18 @@ class SGLangBackend(Backend):
         return not self.profile.kv_only or size is None or size == self._kv_bytes(built)
 
     def _kv_bytes(self, built: Built) -> int:
-        return built.bounce.page_bytes if built.bounce is not None else self._page_bytes()
+        """Bytes of a KV page: the bounce pool's, else the engine pool's (asked once: SGLang makes a
+        zeroed page to answer)."""
+        if built.bounce is not None:
+            return built.bounce.page_bytes
+        if self._kv_page_bytes is None:
+            pool = self.context.mem_pool_host
+            if pool is None:
+                raise BackendError(f"backend {self.name!r}: page size unknown (no host pool registered)",
+                                   backend=self.name)
+            page = pool.get_dummy_flat_data_page()
+            self._kv_page_bytes = page.numel() * page.element_size()
+        return self._kv_page_bytes
 
     def _is_unitized(self, built: Built, size: Optional[int]) -> bool:
         """A page another pool's size, through a bounce pool: stored as slot-sized units."""
@@ -206,14 +218,13 @@ class SGLangBackend(Backend):
         built = self._require()
         keys, sizes = list(keys), _sizes(nbytes, len(keys))
         asked = [i for i, size in enumerate(sizes) if self._takes(built, size)]
-        names = [last_unit_key(keys[i], sizes[i], built.bounce.page_bytes) if self._is_unitized(built, sizes[i])
-                 else keys[i] for i in asked]
         if built.sums is not None:
             found = self._call("checksum records", built.sums.exists, [keys[i] for i in asked])
         elif self.profile.exists_each is not None:
+            names = self._names(built, keys, sizes, asked)
             found = self._call("batch_exists", self.profile.exists_each, built.storage, names)
         else:
-            found = []
+            names, found = self._names(built, keys, sizes, asked), []
             for start, stop in _runs([sizes[i] for i in asked]):
                 hits = int(self._call("batch_exists", built.storage.batch_exists, names[start:stop]) or 0)
                 found += [j < hits for j in range(stop - start)]
@@ -222,11 +233,15 @@ class SGLangBackend(Backend):
             out[i] = bool(ok)
         return out
 
+    def _names(self, built: Built, keys: list, sizes: list, asked: list[int]) -> list[str]:
+        """The key the backend holds for each asked page: a page stored as units, its last unit's."""
+        return [last_unit_key(keys[i], sizes[i], built.bounce.page_bytes) if self._is_unitized(built, sizes[i])
+                else keys[i] for i in asked]
+
     # -- reads (on the member's workers) -------------------------------------------------------------
     def get(self, keys: Sequence[str], nbytes=None) -> list:
         with self.fetch(keys, nbytes) as pages:
-            return [None if p is None or isinstance(p, CorruptPage) else bytes(b"".join(p) if isinstance(p, tuple)
-                                                                                 else p) for p in pages]
+            return [None if p is None or isinstance(p, CorruptPage) else bytes(join_parts(p)) for p in pages]
 
     @contextmanager
     def fetch(self, keys: Sequence[str], nbytes=None) -> Iterator[list]:
@@ -267,7 +282,7 @@ class SGLangBackend(Backend):
             asked = asked[:int(self._call("batch_exists", built.storage.batch_exists, [keys[i] for i in asked]) or 0)]
         if not asked:
             return out
-        targets = [self._tensor(torch.empty(sizes[i] or self._page_bytes(), dtype=torch.uint8)) for i in asked]
+        targets = [self._tensor(torch.empty(sizes[i] or self._kv_bytes(built), dtype=torch.uint8)) for i in asked]
         got = self._call("batch_get", built.storage.batch_get, [keys[i] for i in asked], targets)
         if isinstance(got, list):
             flags = self._cut([t is not None for t in got[:len(asked)]])
@@ -283,13 +298,6 @@ class SGLangBackend(Backend):
         if dtype is None or raw.numel() % dtype.itemsize:
             return raw
         return raw.view(dtype)
-
-    def _page_bytes(self) -> int:
-        pool = self.context.mem_pool_host
-        if pool is None:
-            raise BackendError(f"backend {self.name!r}: page size unknown (no host pool registered)", backend=self.name)
-        page = pool.get_dummy_flat_data_page()
-        return page.numel() * page.element_size()
 
     def _verified(self, built: Built, keys: list[str], pages: list) -> list:
         """Each page checked against its record; a page without one is a miss, a mismatch is corrupt."""
@@ -315,27 +323,29 @@ class SGLangBackend(Backend):
             return super().stage(keys, values)
         keys = list(keys)
         sizes = [page_nbytes(v) for v in values]
-        taken = [i for i, size in enumerate(sizes) if self._takes(built, size)]
-        takes = frozenset(taken)
-        stored = None if len(taken) == len(keys) else [i in takes for i in range(len(keys))]
+        stored = None  # it takes every page, but AIBrix only those shaped like the KV pool's
+        if self.profile.kv_only:
+            flags = [self._takes(built, size) for size in sizes]
+            stored = None if all(flags) else flags
+        taken = range(len(keys)) if stored is None else [i for i, ok in enumerate(stored) if ok]
         if built.bounce is None:
             pages = super().stage([keys[i] for i in taken], [values[i] for i in taken])
-            return Staged(built, None, [keys[i] for i in taken], pages, [], stored)
+            return Staged(built, None, [keys[i] for i in taken], pages, [], [], stored)
         bounce = built.bounce
         kv = [i for i in taken if not self._is_unitized(built, sizes[i])]
+        other = [i for i in taken if self._is_unitized(built, sizes[i])]
         # Copied now: a late worker must never read engine memory the engine reused.
-        foreign = [(keys[i], b"".join(values[i]) if isinstance(values[i], tuple) else bytes(values[i]))
-                   for i in taken if self._is_unitized(built, sizes[i])]
+        foreign = [bytes(join_parts(values[i])) for i in other]
         # The KV pages' slots, which also pass the other pools' pages through once the KV pages are stored
         # (a batch of them at most, whatever their size).
-        units = sum(unit_count(len(p), bounce.page_bytes) for _k, p in foreign)
+        units = sum(unit_count(len(p), bounce.page_bytes) for p in foreign)
         slots = bounce.acquire(max(len(kv), min(units, self.config.batch_pages)))  # Refused: our own load
         try:
             slots.write([values[i] for i in kv])
         except BaseException:
             slots.release()
             raise
-        return Staged(built, slots, [keys[i] for i in kv], None, foreign, stored)
+        return Staged(built, slots, [keys[i] for i in kv], None, [keys[i] for i in other], foreign, stored)
 
     def unstage(self, staged: Any) -> None:
         if isinstance(staged, Staged):
@@ -351,19 +361,18 @@ class SGLangBackend(Backend):
             built = staged.built
             if built is not self._built:
                 raise BackendUnavailable(f"{self.name!r} was rebuilt while this write was queued", backend=self.name)
-            # Records from the member's own copy, before the slots pass other pools' pages through.
-            kv_pages = staged.pages if staged.pages is not None else staged.slots.read(0, len(staged.keys))
-            records = built.records(staged.keys + [k for k, _p in staged.foreign],
-                                    list(kv_pages) + [p for _k, p in staged.foreign])
+            records = None
+            if built.sums is not None:  # from the member's own copy, before the slots pass other pools' pages
+                kv_pages = staged.pages if staged.pages is not None else staged.slots.read(0, len(staged.keys))
+                records = built.records(staged.keys + staged.foreign_keys, list(kv_pages) + staged.foreign_pages)
             try:
                 if built.bounce is None:
                     self._legacy_set(built, staged)
                 else:
                     put, what = self._v1_call("batch_set_v1", built), f"{self.config.backend} batch_set_v1"
                     write_kv(put, staged.slots, staged.keys, self.config.batch_pages, what)
-                    if staged.foreign:  # through the same slots, now that the KV pages are stored
-                        write_units(put, staged.slots, [k for k, _p in staged.foreign],
-                                    [p for _k, p in staged.foreign], what)
+                    if staged.foreign_keys:  # through the same slots, now that the KV pages are stored
+                        write_units(put, staged.slots, staged.foreign_keys, staged.foreign_pages, what)
             except NotStored as exc:  # it answered, but did not store: it may need re-initialising
                 exc.backend = self.name
                 self._repair(built, exc)
@@ -415,7 +424,7 @@ class SGLangBackend(Backend):
         """A page whose content follows from its key, so a backend that keeps the first copy of a key
         (Mooncake skips keys it has) still reads back what the probe expects."""
         if self._canary is None:
-            size = built.bounce.page_bytes if built.bounce is not None else self._page_bytes()
+            size = self._kv_bytes(built)
             pattern = f"hicache-ha canary {self.name} ".encode()
             self._canary = (pattern * (size // len(pattern) + 1))[:size]
         return self._canary
@@ -433,7 +442,7 @@ class SGLangBackend(Backend):
             self._closed = True
             built, self._built = self._built, None
         if built is not None:
-            built.close(park=self.profile.park_on_close(self.config.extra_config))
+            built.close()
 
     def describe(self) -> dict:
         built = self._built

@@ -76,9 +76,8 @@ class Slots:
         size = self.bounce.page_size
         return self.indices[start * size:stop * size]
 
-    def read(self, start: int = 0, stop: Optional[int] = None) -> list:
+    def read(self, start: int, stop: int) -> list:
         """Pages ``start:stop``, as the backend left them (pieces of bounce memory, or flat copies)."""
-        stop = len(self.pages) if stop is None else stop
         return self.bounce.view.pages(self.part(start, stop), self.slots[start:stop])
 
     def write(self, values: Sequence[Any]) -> None:

@@ -25,21 +25,20 @@ class Built:
     storage: Any  # SGLang's backend object
     bounce: Any  # BouncePool for v1 backends, else None
     sums: Optional[SumStore]
+    park: bool = False  # never torn down in this process (see close)
     seconds: float = 0.0
 
-    def records(self, keys: list, pages: Sequence[Any]) -> Optional[tuple[list, list]]:
-        """(keys, checksum records) of pages, with verification; else None."""
-        if self.sums is None:
-            return None
+    def records(self, keys: list, pages: Sequence[Any]) -> tuple[list, list]:
+        """(keys, checksum records) of pages."""
         return keys, [RECORD.pack(*checksum(k, p)) for k, p in zip(keys, pages)]
 
-    def close(self, park: bool = False) -> None:
+    def close(self) -> None:
         """Close SGLang's backend on a daemon thread of its own, so that the thread closing a member (an
         agent's command, SGLang's shutdown) never waits on it. Its teardown may still hold the GIL
         (Mooncake's does for ~2 s, measured), which stops every thread meanwhile. With ``park``, never tear
         it down in this process: Mooncake's client in HA mode holds the GIL ~30 s. The operating system
         takes its memory back at exit, and the master forgets the client after its TTL."""
-        if park:
+        if self.park:
             ctypes.pythonapi.Py_IncRef(ctypes.py_object(self))  # not even the interpreter's exit frees it
             _PARKED.append(self)
             log.info("hicache-ha: SGLang's backend %s kept until the process exits (%d kept): tearing it down "
@@ -53,13 +52,14 @@ _PARKED: list[Built] = []
 
 
 def _release(storage: Any, sums: Any, bounce: Any) -> None:
+    """Close SGLang's backend; its checksum store and bounce pool, held by this call, outlive the close,
+    which may still use them."""
     close = getattr(storage, "close", None)
     if close is not None:
         try:
             close()
         except Exception:
             log.debug("hicache-ha: closing SGLang's backend failed", exc_info=True)
-    del storage, sums, bounce  # the bounce pool outlives the backend's close, which may still use it
 
 
 def construct(cfg: SGLangConfig, profile: Profile, context: BackendContext) -> Built:
@@ -91,22 +91,23 @@ def construct(cfg: SGLangConfig, profile: Profile, context: BackendContext) -> B
     if profile.tune is not None:
         profile.tune(storage)
     sums = profile.sums(storage) if cfg.verify and profile.sums is not None else None
-    return Built(storage, bounce, sums)
+    return Built(storage, bounce, sums, park=profile.park_on_close(cfg.extra_config))
 
 
 class Staged:
     """Pages of one set, copied out of engine memory on the engine thread: KV pages into bounce slots (v1),
     pages of other pools (v1) and every page (legacy) into buffers of their own."""
 
-    __slots__ = ("built", "foreign", "keys", "pages", "slots", "stored")
+    __slots__ = ("built", "foreign_keys", "foreign_pages", "keys", "pages", "slots", "stored")
 
-    def __init__(self, built: Built, slots: Any, keys: list, pages: Optional[list], foreign: list,
-                 stored: Optional[list[bool]]):
+    def __init__(self, built: Built, slots: Any, keys: list, pages: Optional[list], foreign_keys: list,
+                 foreign_pages: list, stored: Optional[list[bool]]):
         self.built = built
         self.slots = slots  # bounce slots holding the KV pages, in key order
         self.keys = keys  # the KV pages' keys (v1), or the keys of every page it takes (legacy)
         self.pages = pages  # legacy: the pages it takes
-        self.foreign = foreign  # v1: (key, buffer) of each page of another pool
+        self.foreign_keys = foreign_keys  # v1: the keys of the pages of other pools
+        self.foreign_pages = foreign_pages  # v1: their bytes
         self.stored = stored  # None: it takes every page; else per key, False for a page it does not take
 
     def release(self) -> None:

@@ -32,12 +32,16 @@ def unit_count(size: int, page_bytes: int) -> int:
     return max(1, -(-size // page_bytes))
 
 
+def _unit_key(key: str, j: int) -> str:
+    return f"{key}{UNIT}{j}"
+
+
 def unit_keys(key: str, size: int, page_bytes: int) -> list[str]:
-    return [f"{key}{UNIT}{j}" for j in range(unit_count(size, page_bytes))]
+    return [_unit_key(key, j) for j in range(unit_count(size, page_bytes))]
 
 
 def last_unit_key(key: str, size: int, page_bytes: int) -> str:
-    return f"{key}{UNIT}{unit_count(size, page_bytes) - 1}"
+    return _unit_key(key, unit_count(size, page_bytes) - 1)
 
 
 def fold(flags: Any, n: int) -> list[bool]:
