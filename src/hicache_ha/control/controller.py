@@ -73,7 +73,6 @@ class Controller(Leadership, Convergence):
         self._twophase = TwoPhase(self)
         self._log = RateLimitedLog(log, every=30.0)
         self._stop = threading.Event()
-        self._kick = threading.Event()  # wakes the leadership loop: ranks reported something to catch up with
         self._unsettled = False  # the store's fencing counter may be behind tokens ranks saw (it restarted empty)
         self._settled = False  # every expected rank reported a token not newer than ours
         self._ranks_behind = False  # every expected rank reported an epoch not newer than the desired one
@@ -107,7 +106,7 @@ class Controller(Leadership, Convergence):
                 return
         elif not isinstance(rank, int) or rank not in self.ranks:
             return
-        now, due = self.clock(), False
+        now = self.clock()
         with self._lock:
             info = self.ranks.get(rank)
             if kind in ("register", "heartbeat"):
@@ -117,7 +116,7 @@ class Controller(Leadership, Convergence):
                 info.identity = msg["identity"]
                 info.update_status(msg.get("status"))
                 info.saw(msg.get("seen"))
-                due = self._note_report(info)
+                self._note_report(info)
                 info.last_seen = now
                 for e in msg.get("events") or []:
                     if isinstance(e, dict):
@@ -126,15 +125,13 @@ class Controller(Leadership, Convergence):
                 info.last_seen = now
                 info.update_status(msg.get("status_now"))
                 info.saw(msg.get("seen"))
-                due = self._note_report(info)
+                self._note_report(info)
                 pending = self._pending.get(msg.get("id"))
                 if pending is not None:
                     pending.reply = msg
                     pending.done.set()
         if kind in ("register", "heartbeat") and self.channel is not None:
             self.channel.send({"type": "ack", "fence": self.fence}, to=peer)  # tells the agent its controller lives
-        if due:
-            self._kick.set()
         if kind == "failover_request" and not self._moving_group.is_set():
             self._moving_group.set()  # one group move at a time; ranks repeat their request
             threading.Thread(target=self._group_move, args=(rank, msg.get("target"), msg.get("from"),
@@ -209,11 +206,7 @@ class Controller(Leadership, Convergence):
                 return self._count(kind, self.not_leader())
             except Exception as exc:  # the state store failed
                 return self._count(kind, Outcome(503, {"error": f"the state store failed: {exc!r}"}))
-            outcome = step()
-            if outcome.status == 200 and kind != "remove" and self.desired.provisional:
-                self.desired.provisional = False  # the desired state is an operator's (or a group move's) now
-                self.save_if_leader()
-            return self._count(kind, outcome)
+            return self._count(kind, step())
         finally:
             self._switch.release()
 
@@ -300,7 +293,6 @@ class Controller(Leadership, Convergence):
 
     def close(self) -> None:
         self._stop.set()
-        self._kick.set()
         for t in self._threads:
             t.join(self.command_timeout_s)
         if self.fence is not None:

@@ -37,6 +37,7 @@ class Convergence:
     switch: Callable[..., object]
     event: Callable[..., None]
     _catch_up_due: Callable[[], bool]
+    _catch_up: Callable[[], None]
 
     # -- group moves: a failover or a failback one rank asks for --------------------------------------
     def _group_move(self, rank: int, target: Optional[str], from_: Optional[str], reason: str) -> None:
@@ -67,7 +68,14 @@ class Convergence:
     def converge(self) -> None:
         """Bring every live rank to the desired (epoch, active), one rank at a time, make-before-break.
         A rank that left the desired member because it is broken there moves the group instead."""
-        if self._switch.locked() or self._catch_up_due():
+        if self._switch.locked():
+            return
+        if self._catch_up_due():  # a state store that restarted empty: nothing moves until it is caught up
+            if self._switch.acquire(blocking=False):
+                try:
+                    self._catch_up()
+                finally:
+                    self._switch.release()
             return
         want = (self.desired.epoch, self.desired.active)
         now = self.clock()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING, Optional
 
 import zmq
@@ -46,7 +45,6 @@ class Leadership:
     _lock: threading.Lock
     _switch: threading.Lock
     _stop: threading.Event
-    _kick: threading.Event
     _unsettled: bool
     _settled: bool
     _ranks_behind: bool
@@ -59,23 +57,9 @@ class Leadership:
         return self.fence is not None
 
     def _lead_loop(self) -> None:
-        renew_at = time.monotonic() + self.lease_s / 3
-        while not self._stop.is_set():
-            self._kick.wait(max(0.0, renew_at - time.monotonic()))
-            self._kick.clear()
-            if self._stop.is_set():
-                return
+        while not self._stop.wait(self.lease_s / 3):
             try:
-                if time.monotonic() >= renew_at:
-                    renew_at = time.monotonic() + self.lease_s / 3
-                    self._lead_once()
-                if self.is_leader and self._catch_up_due() and self._switch.acquire(timeout=0.5):
-                    try:
-                        self._catch_up()
-                    finally:
-                        self._switch.release()
-            except NotLeader:
-                pass
+                self._lead_once()
             except Exception:  # a store hiccup must not kill the loop
                 log.exception("hicache-ha: leadership step failed")
 
@@ -138,22 +122,20 @@ class Leadership:
         return (self._unsettled and (self._settled or fence_ahead > 0)) or \
             (self.desired.provisional and (self._ranks_behind or epoch > self.desired.epoch))
 
-    def _note_report(self, info: RankInfo) -> bool:
-        """Called with ``_lock`` held after ``info``'s rank reported what it saw: True when the leader has
-        something to catch up with. Once every expected rank reported and none saw a newer token than ours,
-        the store's counter is known to be past every token in use (settled); once none was moved past the
-        desired epoch, a provisional desired state is the fleet's own."""
+    def _note_report(self, info: RankInfo) -> None:
+        """Called with ``_lock`` held after ``info``'s rank reported what it saw. Once every expected rank
+        reported and none saw a newer token than ours, the store's counter is known to be past every token in
+        use (settled); once none was moved past the desired epoch, a provisional desired state is the fleet's
+        own. The convergence loop catches up (``_catch_up_due``)."""
         fence, desired = self.fence, self.desired
         if fence is None or not (self._unsettled or desired.provisional):
-            return False
+            return
         if all(r in self.ranks for r in range(self.expected_ranks)):
             if self._unsettled and not self._settled and \
                     not any(i.ahead_of(fence, self.owner) for i in self.ranks.values()):
                 self._settled = True
             if desired.provisional:
                 self._ranks_behind = all(i.epoch_seen <= desired.epoch for i in self.ranks.values())
-        return (self._unsettled and (self._settled or info.ahead_of(fence, self.owner))) or \
-            (desired.provisional and (self._ranks_behind or info.epoch_seen > desired.epoch))
 
     def _catch_up(self) -> None:
         """With the switch lock held. A store that restarted empty counts tokens from 1 again and forgot the

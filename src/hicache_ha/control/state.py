@@ -171,8 +171,12 @@ class FileStateStore(StateStore):
             self._unlock()
         return same
 
+    def _leads(self, fence: int) -> bool:
+        """``fence`` holds the lease: our lock is on the current lock file and the counter is still ours."""
+        return self._holds() and self._fence() == fence
+
     def save(self, state: DesiredState, fence: int) -> None:
-        if not self._holds() or self._fence() != fence:
+        if not self._leads(fence):
             raise NotLeader(f"state file {self.path}: fencing token {fence} is not the leader's")
         self._write(self.path, state.to_json())
 
@@ -206,10 +210,10 @@ class FileStateStore(StateStore):
         return fence
 
     def renew(self, owner: str, fence: int, ttl_s: float) -> bool:
-        return self._holds() and self._fence() == fence
+        return self._leads(fence)
 
     def advance(self, owner: str, fence: int, past: int, ttl_s: float) -> Optional[int]:
-        if not self._holds() or self._fence() != fence:
+        if not self._leads(fence):
             return None
         if not self.unsettled():
             return fence
@@ -221,7 +225,7 @@ class FileStateStore(StateStore):
         return self._unsettled_path.exists()
 
     def settle(self, owner: str, fence: int) -> bool:
-        if not self._holds() or self._fence() != fence:
+        if not self._leads(fence):
             return False
         self._unsettled_path.unlink(missing_ok=True)
         return True

@@ -94,7 +94,7 @@ class TwoPhase:
             failed = failures(replies)
             if failed:
                 return self._rolled_back(ranks, replies, failed, token, base_epoch, base_active, name)
-            desired.epoch, desired.active = epoch, name
+            desired.epoch, desired.active, desired.provisional = epoch, name, False  # an operator's state now
             if spec is not None:
                 desired.specs[name] = spec
             c.event(None, name, base_active or "none", name, reason)
@@ -151,7 +151,7 @@ class TwoPhase:
                 return Outcome(status, {"error": "detach failed; the ranks that may have detached were rolled back",
                                         "failed": describe(failed), "rolled_back": restored,
                                         "rollback_unconfirmed": unconfirmed})
-            desired.epoch, desired.active = epoch, None
+            desired.epoch, desired.active, desired.provisional = epoch, None, False
             c.event(None, base_active, base_active or "none", "none", "detached by admin")
             return Outcome(200, {"epoch": epoch, "active": None, "ranks": ranks})
         except NotLeader as exc:
