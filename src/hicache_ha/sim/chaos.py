@@ -78,7 +78,7 @@ class Stress:
             self.proc.wait(10)
 
 
-def run_scenario(cls: type[Scenario], profile: Profile = SHORT, *, stress: bool = True, ranks: int = 2,
+def run_scenario(cls: type[Scenario], profile: Profile = SHORT, *, ranks: int = 2,
                  log: Callable[[str], None] = lambda _m: None) -> Row:
     workdir = tempfile.mkdtemp(prefix="hicache-ha-chaos-")
     scenario = cls(workdir)
@@ -151,7 +151,7 @@ def _row(scenario: Scenario, events: list, t_fault: float, stats, managers: list
 SGLANG_SCENARIOS: list[type[Scenario]] = [SigKill, SigStop]
 
 
-def run_sglang(scenarios: list[type[Scenario]] = SGLANG_SCENARIOS, profile: Profile = SHORT, *, stress: bool = True,
+def run_sglang(scenarios: list[type[Scenario]] = SGLANG_SCENARIOS, profile: Profile = SHORT, *,
                ranks: int = 2, log: Callable[[str], None] = lambda _m: None) -> list[Row]:
     """Each scenario against SGLang's own HiCacheController (``sglang_engine``): one row each. The ranks
     are started (SGLang imported) before stress-ng, which then loads every core from the steady phase of
@@ -244,7 +244,7 @@ def _sglang_row(scenario: Scenario, name: str, t_fault: float, window: tuple[flo
         lag_ms=max(rr.lag for rr in rank_results) * 1000,
         over_own_deadline=sum(1 for _ms, over, _e in calls if over > 0),
         errors=sum(1 for _ms, _over, e in calls if e is not None),
-        bad_pages=sum(it.get("bad_pages", not it["exact"]) for rr in rank_results for it in rr.iterations),
+        bad_pages=sum(it["bad_pages"] for rr in rank_results for it in rr.iterations),
         dropped_writes=sum((rr.status or {}).get("dropped_writes", 0) for rr in rank_results), calls=len(lat),
         stress=stressed, served_within_s=scenario.served_within_s, engine="sglang",
         calls_during_fault=sum(1 for rr in rank_results for _m, t0, _s, _e in rr.calls if window[0] <= t0 <= window[1]),

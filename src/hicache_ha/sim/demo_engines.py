@@ -49,9 +49,6 @@ class SimDemoEngine:
 class SGLangDemoEngine:
     """SGLang's real HiCacheController in two rank processes (gloo), HAStorage built by its factory."""
 
-    OPS = {"batch_exists": "exists", "batch_get_v1": "get", "batch_set_v1": "set", "batch_get": "get",
-           "batch_set": "set"}
-
     def __init__(self, config: dict, ranks: int, page: int, console: Console) -> None:
         from .sglang_engine import SGLangEngine, ha_spec
 
@@ -73,7 +70,7 @@ class SGLangDemoEngine:
         self.printer = printer_for(time.time())
 
     def poll(self) -> None:
-        from .sglang_engine import drain
+        from .sglang_engine import OP_DEADLINE, drain
 
         st = self.stats
         for kind, rank, _name, data in drain(self.engine.live):
@@ -88,7 +85,7 @@ class SGLangDemoEngine:
                 self.printer(event)
                 continue
             for name, t0, seconds, error in data["calls"]:
-                st.samples.append(Sample(t0 + seconds - st.started, rank, self.OPS.get(name, name), seconds, 0,
+                st.samples.append(Sample(t0 + seconds - st.started, rank, OP_DEADLINE.get(name, name), seconds, 0,
                                          error is None))
                 st.errors_surfaced += error is not None
             st.hits.append((data["t1"] - st.started, data["tokens"], data["loaded"]))

@@ -29,7 +29,6 @@ class DemoResult:
     fault_name: str
     lag: Any  # LagProbe, or the ranks' own measured lag when they run in other processes
     started: float  # time.monotonic() when the engine started
-    snapshots: list[dict] = field(default_factory=list)
     fault_wall: Optional[float] = None  # when the fault was made (time.time())
     heal_wall: Optional[float] = None  # when it was undone
     events: list = field(default_factory=list)

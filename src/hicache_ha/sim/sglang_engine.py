@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .sglang_pools import PAGE, hybrid_pools, mha_pools, mla_pools
-from .sglang_requests import PAGES_PER_REQUEST, HybridRequest, content, kv_request
+from .sglang_requests import HybridRequest, kv_request
 
-# The pools (``sglang_pools``) and the request (``sglang_requests``) are importable from here too.
-__all__ = ["DYNAMIC_HA", "OP_DEADLINE", "PAGE", "PAGES_PER_REQUEST", "EngineSpec", "RankResult", "SGLangEngine",
-           "content", "drain", "ha_spec", "mha_pools", "mla_pools"]
+# The pools (``sglang_pools``) are importable from here too.
+__all__ = ["DYNAMIC_HA", "OP_DEADLINE", "PAGE", "EngineSpec", "RankResult", "SGLangEngine", "drain", "ha_spec",
+           "mha_pools", "mla_pools"]
 
 DYNAMIC_HA = {"backend_name": "hicache_ha", "module_path": "hicache_ha.sglang", "class_name": "HAStorage"}
 # The storage calls timed on each rank, and the deadline each is held to.

@@ -117,7 +117,7 @@ class HybridRequest:
             PoolTransfer(name=PoolName.SWA, keys=[hashes[-1]], hit_policy=PoolHitPolicy.TRAILING_PAGES),
             PoolTransfer(name=PoolName.INDEXER, indices_from_pool=PoolName.KV)])
         hit = cc.prefetch_hit_queue.get(timeout=120)
-        loaded, exact, swa_loaded = 0, True, False
+        loaded, bad, swa_loaded = 0, 0, False
         if hit.storage_hit_count >= PAGE:
             hit.hash_value = hit.hash_value[: hit.storage_hit_count // PAGE]
             hit.host_indices = group.alloc(hit.storage_hit_count)
@@ -127,12 +127,12 @@ class HybridRequest:
             loaded, pool_hits = _load(cc, hit)
             for p in range(loaded // PAGE):
                 slot = int(hit.host_indices[p * PAGE])
-                exact &= _page(host, slot, torch) == kv_page(p) and _page(indexer, slot, torch) == idx_page(p)
+                bad += _page(host, slot, torch) != kv_page(p) or _page(indexer, slot, torch) != idx_page(p)
             for t in own:
                 swa_loaded = pool_hits.get(PoolName.SWA.value, 0) >= 1
                 if swa_loaded:
-                    exact &= _page(swa, int(t.host_indices[0]), torch) == swa_page
+                    bad += _page(swa, int(t.host_indices[0]), torch) != swa_page
                 group.free(t.host_indices, pool=PoolName.SWA)
             group.free(hit.host_indices)
         return {"t0": t0, "t1": time.monotonic(), "tokens": n, "backed": backed, "hit": hit.storage_hit_count,
-                "loaded": loaded, "exact": exact, "swa_loaded": swa_loaded}
+                "loaded": loaded, "exact": bad == 0, "bad_pages": bad, "swa_loaded": swa_loaded}
