@@ -37,6 +37,7 @@ class ServerProcess:
         self.dir = tempfile.mkdtemp(prefix=f"hicache-ha-{self.name}-")
         self.proc: Optional[subprocess.Popen] = None
         self.log = Path(self.dir) / "server.log"
+        self._log_start = 0  # where the current process's output begins in the log (restarts append)
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -46,10 +47,17 @@ class ServerProcess:
 
     def start(self, timeout: float = 30.0) -> "ServerProcess":
         with open(self.log, "ab") as out:
+            self._log_start = out.tell()
             self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, env=self.env(),
                                          cwd=self.dir, start_new_session=True)
         self.wait_ready(timeout)
         return self
+
+    def output(self) -> str:
+        """What the current process wrote (the log also holds the earlier runs')."""
+        with open(self.log, "rb") as f:
+            f.seek(self._log_start)
+            return f.read().decode(errors="replace")
 
     def ready(self) -> bool:
         """The server answers (by default: it accepts TCP connections on its port)."""
@@ -126,7 +134,7 @@ class MooncakeMaster(ServerProcess):
     @property
     def state(self) -> str:
         """HA mode: the runtime state the master last logged (``serving`` once it leads)."""
-        states = re.findall(r"Master runtime state -> (\w+)", self.log.read_text(errors="replace"))
+        states = re.findall(r"Master runtime state -> (\w+)", self.output())
         return states[-1] if states else ""
 
     @property
