@@ -71,3 +71,37 @@ class ForgedController:
     def close(self) -> None:
         self.sock.close(0)
         self.ctx.term()
+
+
+def replies_of(ghost: ForgedController, want: int, timeout: float = 10.0) -> dict:
+    """Read what ranks send a controller until ``want`` command replies came: {(rank, op id): reply}."""
+    out, deadline = {}, time.monotonic() + timeout
+    while len(out) < want and time.monotonic() < deadline:
+        got = ghost.receive(0.2)
+        if got is not None and got[1].get("type") == "reply":
+            out[(got[1]["rank"], got[1]["id"])] = got[1]
+    return out
+
+
+GHOST_COMMANDS = (("prepare", {"token": "t", "backend": "standby"}),
+                  ("commit", {"token": "t", "epoch": 99, "force": True}),
+                  ("detach", {"epoch": 99, "force": True}))
+
+
+def ghost_commands(endpoint: str, keys, ranks: int, fences, commands=GHOST_COMMANDS, timeout_s: float = 10.0) -> dict:
+    """An old leader back on the agent port (it holds the real controller ``keys``: it was a real controller,
+    paused or partitioned while its successor led): it waits for every rank, then sends each rank each of
+    ``commands`` (op, args) under each of its old fencing tokens ``fences``. Returns the replies."""
+    ghost = ForgedController(endpoint, keys.controller_public, keys.controller_secret)
+    try:
+        ghost.hear_every_rank(ranks, timeout_s)
+        sent = 0
+        for r in range(ranks):
+            for fence in fences:
+                for op, args in commands:
+                    ghost.send(f"rank-{r}".encode(), {"type": "command", "id": f"{r}-{op}-{fence}", "op": op,
+                                                      "args": args, "fence": fence, "deployment": "default"})
+                    sent += 1
+        return replies_of(ghost, sent, timeout_s)
+    finally:
+        ghost.close()

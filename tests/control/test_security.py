@@ -11,7 +11,7 @@ import zmq
 
 from hicache_ha.control.keys import channel_keys
 from tests.control.conftest import AUTH, KEY, KEYS, wait_for
-from tests.control.outsider import ForgedController, Outsider
+from tests.control.outsider import ForgedController, Outsider, ghost_commands
 
 MEM = [{"name": "primary", "type": "memory"}, {"name": "standby", "type": "memory"}]
 IDENT = {"tp": 3, "pp": 0, "dp": 0, "cp": 0, "tp_size": 4, "pp_size": 1, "dp_size": 1, "cp_size": 1}
@@ -170,39 +170,9 @@ def test_ranks_refuse_a_controller_whose_lease_was_taken_over(cluster):
     assert c.epochs() == {(1, "primary")}
 
 
-def replies_of(ghost, want: int, timeout: float = 10.0) -> dict:
-    """Read what ranks send a controller until ``want`` command replies came: {(rank, op id): reply}."""
-    out, deadline = {}, time.monotonic() + timeout
-    while len(out) < want and time.monotonic() < deadline:
-        got = ghost.receive(0.2)
-        if got is not None and got[1].get("type") == "reply":
-            out[(got[1]["rank"], got[1]["id"])] = got[1]
-    return out
-
-
 def ghost_of_the_old_leader(c, fence):
-    """The old leader back on the agent port (it holds the real controller keys: it was a real controller,
-    paused or partitioned while its successor led): it waits for every rank, then commands each with
-    its old fencing token. Returns the replies."""
-    ghost = ForgedController(endpoint(c), KEYS.controller_public, KEYS.controller_secret)
-    try:
-        heard, deadline = set(), time.monotonic() + 10
-        while len(heard) < 4:
-            assert time.monotonic() < deadline, f"ranks heard: {sorted(heard)}"
-            got = ghost.receive(0.2)
-            if got is not None and got[1].get("type") == "heartbeat":
-                heard.add(got[0])
-        sent = 0
-        for r in range(4):
-            for op, args in (("prepare", {"token": "t", "backend": "standby"}),
-                             ("commit", {"token": "t", "epoch": 99, "force": True}),
-                             ("detach", {"epoch": 99, "force": True})):
-                ghost.send(f"rank-{r}".encode(), {"type": "command", "id": f"{r}-{op}", "op": op, "args": args,
-                                                  "fence": fence, "deployment": "default"})
-                sent += 1
-        return replies_of(ghost, sent)
-    finally:
-        ghost.close()
+    """The old leader back with its old fencing token: prepare, commit and detach on each of 4 ranks."""
+    return ghost_commands(endpoint(c), KEYS, 4, [fence])
 
 
 def test_once_ranks_heard_a_new_leader_the_old_one_is_refused_even_before_the_new_one_commands(cluster):

@@ -14,9 +14,9 @@ from hicache_ha.control.client import AdminError
 from hicache_ha.control.keys import channel_keys
 from hicache_ha.control.state import DesiredState, FileStateStore, NotLeader, RedisStateStore
 from tests.control.conftest import AUTH, wait_for
-from tests.control.outsider import ForgedController
+from tests.control.outsider import ghost_commands
 from tests.control.test_multiprocess import KEY, RANKS
-from tests.control.test_security import ghost_of_the_old_leader, replies_of
+from tests.control.test_security import ghost_of_the_old_leader
 from tests.control.test_takeover import LEASE_S, MEM, Pair
 
 # -- the store: advance, settle ------------------------------------------------------------------------
@@ -195,18 +195,8 @@ def test_the_state_redis_restarts_empty_and_the_fleet_is_not_wedged(pair):
         p.send_signal(signal.SIGKILL)
         outputs.append(p.communicate(timeout=10)[0])
     assert "stops leading" in outputs[0], outputs[0][-2000:]  # the leader before the restart lost its lease
-    keys = channel_keys(KEY, "default")
-    ghost = ForgedController(f"tcp://127.0.0.1:{d.agent_port}", keys.controller_public, keys.controller_secret)
-    try:
-        ghost.hear_every_rank(RANKS)
-        for r in range(RANKS):
-            for fence in (old, 1):
-                ghost.send(f"rank-{r}".encode(), {"type": "command", "id": f"{r}-{fence}", "op": "detach",
-                                                  "args": {"epoch": 99, "force": True}, "fence": fence,
-                                                  "deployment": "default"})
-        replies = replies_of(ghost, 2 * RANKS, timeout=20)
-    finally:
-        ghost.close()
+    replies = ghost_commands(f"tcp://127.0.0.1:{d.agent_port}", channel_keys(KEY, "default"), RANKS, [old, 1],
+                             [("detach", {"epoch": 99, "force": True})], timeout_s=20)
     assert len(replies) == 2 * RANKS
     assert all(not rep["ok"] and "is older than" in rep["error"] for rep in replies.values()), \
         list(replies.values())[:3]

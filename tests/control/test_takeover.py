@@ -20,9 +20,8 @@ from hicache_ha.control.client import AdminClient
 from hicache_ha.control.keys import channel_keys
 from hicache_ha.sim.servers import free_port
 from tests.control.conftest import wait_for
-from tests.control.outsider import ForgedController
+from tests.control.outsider import ghost_commands
 from tests.control.test_multiprocess import KEY, RANKS, Deployment
-from tests.control.test_security import replies_of
 
 LEASE_S = 2.0
 CYCLES = 3
@@ -215,19 +214,8 @@ def test_the_standby_takes_over_a_sigkilled_leader_under_load_and_ranks_never_sp
     for p in d.procs:
         p.kill()
         p.wait(10)
-    keys = channel_keys(KEY, "default")
-    ghost = ForgedController(f"tcp://127.0.0.1:{d.agent_port}", keys.controller_public, keys.controller_secret)
-    try:
-        ghost.hear_every_rank(RANKS)
-        for r in range(RANKS):
-            for op, args in (("prepare", {"token": "t", "backend": "primary"}),
-                             ("commit", {"token": "t", "epoch": 99, "force": True}),
-                             ("detach", {"epoch": 99, "force": True})):
-                ghost.send(f"rank-{r}".encode(), {"type": "command", "id": f"{r}-{op}", "op": op, "args": args,
-                                                  "fence": first_fence, "deployment": "default"})
-        replies = replies_of(ghost, 3 * RANKS, timeout=20)
-    finally:
-        ghost.close()
+    replies = ghost_commands(f"tcp://127.0.0.1:{d.agent_port}", channel_keys(KEY, "default"), RANKS, [first_fence],
+                             timeout_s=20)
     assert len(replies) == 3 * RANKS
     assert all(not rep["ok"] and f"fencing token {first_fence} is older than" in rep["error"]
                for rep in replies.values()), list(replies.values())[:3]
