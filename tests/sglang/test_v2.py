@@ -190,10 +190,10 @@ def test_mla_models_share_kv_and_sidecars_but_mamba_state_stays_per_rank(tmp_pat
 
 
 @pytest.mark.parametrize("name", [PoolName.SWA, PoolName.INDEXER, PoolName.MAMBA], ids=lambda n: n.value)
-def test_a_tampered_page_of_any_pool_reads_as_a_miss_and_counts_corrupt(tmp_path, name):
+def test_a_tampered_page_of_any_pool_reads_as_a_miss_and_counts_corrupt(file_ha, name):
     """Every pool's pages carry the integrity envelope: a page altered on the storage, or another page's
     file put under its key, is a miss (nothing written into the pool) and a ``corrupt`` outcome."""
-    s, pools = hybrid({"backends": [{"name": "f", "type": "file", "path": str(tmp_path)}]})
+    s, pools = hybrid(file_ha)
     pool, keys = pools[name], ["t0", "t1", "t2"]
     t = transfer(name, pool, keys)
     expected = fill(pool, t.host_indices, seed=11)

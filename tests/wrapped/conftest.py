@@ -85,6 +85,11 @@ def engine_pool(kind: str, tokens: int = 256, **geometry):
     return pool
 
 
+def member_status(storage, name: str = "primary") -> dict:
+    """Member ``name`` as ``ha_status()`` describes it."""
+    return next(b for b in storage.ha_status()["backends"] if b["name"] == name)
+
+
 def wait_healthy(storage, name: str = "primary", timeout: float = 20.0, active: bool = True) -> None:
     """Until member ``name`` is healthy (and, with ``active``, serving the rank)."""
     deadline = time.monotonic() + timeout

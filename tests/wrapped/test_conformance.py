@@ -13,7 +13,7 @@ from tests.sglang.test_conformance import (  # noqa: F401 - collected here, agai
     test_a_miss_is_none_and_false, test_batches_round_trip_and_exists_counts_the_prefix, test_exists_after_set,
     test_set_get_round_trip_into_a_target)
 from tests.wrapped.conftest import (KINDS, SCOPED_CLEAR, VERIFIED, build, engine_pool, fill, ha, member,
-                                    pages_at, wait_healthy)
+                                    member_status, pages_at, wait_healthy)
 
 
 SLOW_STORE_DEADLINES = {"exists": 500, "get": 2000, "set": 2000}
@@ -82,7 +82,7 @@ def test_zero_copy_backends_only_ever_see_the_members_own_memory(kind, request, 
     assert not np.shares_memory(engine, own)
     # Sized for every worker's full batch and a canary per health check; counted and reported.
     assert bounce.pages == 4 * 128 + 4
-    described = next(b for b in s.ha_status()["backends"] if b["name"] == "primary")
+    described = member_status(s)
     assert described["bounce_bytes"] == bounce.nbytes == bounce.pages * bounce.page_bytes
     # Everything is given back after the calls.
     written = pool.alloc(2 * pool.page_size)
@@ -147,7 +147,7 @@ def test_a_member_slower_to_build_than_start_wait_is_stood_in_for_then_takes_ove
     monkeypatch.setitem(profiles.PROFILES, "mooncake", dataclasses.replace(real, preflight=slow_master))
     pool = engine_pool("mooncake")
     s = build(ha(member("mooncake", request, tmp_path, start_wait_ms=50)), pool=pool)
-    primary = next(b for b in s.ha_status()["backends"] if b["name"] == "primary")
+    primary = member_status(s)
     assert not primary["built"] and "still being built after 50 ms" in primary["reason"]
     wait_healthy(s, "standby", active=True)
     written = pool.alloc(pool.page_size)
@@ -180,7 +180,7 @@ def test_a_page_altered_inside_the_backend_is_a_miss_counted_corrupt(kind, reque
     assert s.batch_get_v1(["t0", "t1"], target) == [True, False]
     got = pages_at(pool, target)
     assert got[0] == want[0] and got[1] == before[1]  # the altered page never reached the host pool
-    primary = next(b for b in s.ha_status()["backends"] if b["name"] == "primary")
+    primary = member_status(s)
     assert primary["corrupt_pages"] == 1 and primary["ops"]["get"].get("corrupt") == 1
 
 

@@ -10,7 +10,9 @@ from sglang.srt.mem_cache.hicache_storage import PoolHitPolicy, PoolName, PoolTr
 
 from hicache_ha.sim.wrapped_faults import S3_DEADLINES
 from tests.sglang.realpools import mamba_pool, mha_pool
-from tests.wrapped.conftest import KINDS, VERIFIED, build, engine_pool, fill, ha, member, pages_at, wait_healthy
+from tests.sglang.test_v2 import transfer
+from tests.wrapped.conftest import (KINDS, VERIFIED, build, engine_pool, fill, ha, member, member_status, pages_at,
+                                    wait_healthy)
 
 # AIBrix stores only whole cache blocks shaped like the KV pool's pages: other pools' pages are refused.
 KV_ONLY = {"aibrix"}
@@ -34,12 +36,8 @@ def hybrid(kind: str, request, tmp_path):
     return s, pools
 
 
-def transfer(name, pool, keys, policy=PoolHitPolicy.ALL_PAGES):
-    return PoolTransfer(name=name, keys=keys, hit_policy=policy, host_indices=pool.alloc(len(keys) * pool.page_size))
-
-
 def primary_ops(s) -> dict:
-    return next(b for b in s.ha_status()["backends"] if b["name"] == "primary")["ops"]
+    return member_status(s)["ops"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -57,7 +55,7 @@ def test_every_pool_of_a_hybrid_model_round_trips_through_the_backend(kind, requ
         r = s.batch_exists_v2(keys, [PoolTransfer(name=PoolName.MAMBA, keys=[keys[-1]],
                                                   hit_policy=PoolHitPolicy.TRAILING_PAGES)])
         assert (r.kv_hit_pages, r.restorable_prefix_pages) == (0, [])  # no Mamba state: nothing restorable
-        primary = next(b for b in s.ha_status()["backends"] if b["name"] == "primary")
+        primary = member_status(s)
         assert primary["state"] == "healthy" and primary["transitions"] == {"circuit_broken": 1, "recovering": 1,
                                                                              "healthy": 1}  # start-up only
         assert primary["dropped_pages"] == 6 * 6  # SWA and Mamba pages, six writes
