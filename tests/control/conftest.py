@@ -15,6 +15,8 @@ from hicache_ha.sim.servers import free_port
 KEY = "test-admin-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 KEYS = channel_keys(KEY, "default")
+MEM = [{"name": "primary", "type": "memory"}, {"name": "standby", "type": "memory"}]
+DEADLINES = {"exists": 50, "get": 300, "set": 500}  # the deployments the multi-process tests start
 
 
 def wait_for(predicate, timeout=10.0, what="condition"):

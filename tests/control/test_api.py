@@ -7,10 +7,8 @@ import time
 
 import pytest
 
-from tests.control.conftest import AUTH, KEY, wait_for
+from tests.control.conftest import AUTH, KEY, MEM, wait_for
 from tests.helpers import GATE
-
-MEM = [{"name": "primary", "type": "memory"}, {"name": "standby", "type": "memory"}]
 
 
 def test_switch_moves_every_rank_to_one_new_epoch_and_back(cluster_factory):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hicache_ha.control.client import AdminError
-from tests.control.conftest import wait_for
+from tests.control.conftest import DEADLINES, wait_for
 from tests.control.test_multiprocess import RANKS, Deployment
 from tests.helpers import FILE_GATE
 
@@ -24,7 +24,7 @@ def deployment(tmp_path_factory):
     d = Deployment(tmp, {
         "backends": [{"name": "primary", "type": FILE_GATE, "gate_dir": str(gates)},
                      {"name": "standby", "type": "memory"}],
-        "deadlines_ms": {"exists": 50, "get": 300, "set": 500},
+        "deadlines_ms": DEADLINES,
         # The tests hang calls on purpose: only the switch decides where traffic goes.
         "health": {"consecutive_failures": None, "failure_rate": None, "slow_calls": None,
                    "ping": {"interval_ms": 60_000, "standby_interval_ms": 60_000}},

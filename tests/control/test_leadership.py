@@ -13,11 +13,9 @@ from hicache_ha.config import parse
 from hicache_ha.control.service import start_controller
 from hicache_ha.control.state import FileStateStore, RedisStateStore
 from hicache_ha.sim.servers import free_port
-from tests.control.conftest import AUTH, KEY, wait_for
+from tests.control.conftest import AUTH, KEY, MEM, wait_for
 from tests.helpers import GATE
 from tests.sglang.conftest import build
-
-MEM = [{"name": "primary", "type": "memory"}, {"name": "standby", "type": "memory"}]
 
 
 def config(tmp_path, **admin):

@@ -14,7 +14,7 @@ import yaml
 
 from hicache_ha.control.client import AdminClient, AdminError
 from hicache_ha.sim.servers import RedisServer, free_port
-from tests.control.conftest import wait_for
+from tests.control.conftest import DEADLINES, wait_for
 
 KEY = "multi-process-admin-key"
 RANKS = 4
@@ -106,7 +106,7 @@ def deployment(tmp_path):
             "backends": [{"name": "primary", "type": "redis", "url": primary.url, "socket_timeout_ms": 500},
                          {"name": "standby", "type": "redis", "url": standby.url, "socket_timeout_ms": 500},
                          {"name": "extra", "type": "redis", "url": standby.url.replace("/0", "/1")}],
-            "deadlines_ms": {"exists": 50, "get": 300, "set": 500}})
+            "deadlines_ms": DEADLINES})
         d.primary, d.standby = primary, standby
         try:
             yield d

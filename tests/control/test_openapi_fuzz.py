@@ -5,9 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 from hicache_ha.control.api import create_app
-from tests.control.conftest import AUTH, KEY
-
-MEM = [{"name": "primary", "type": "memory"}, {"name": "standby", "type": "memory"}]
+from tests.control.conftest import AUTH, KEY, MEM
 
 
 def test_no_input_makes_a_server_error(cluster_factory):

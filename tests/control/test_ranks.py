@@ -12,13 +12,11 @@ from sglang.srt.runtime_context import get_parallel
 
 from hicache_ha.control.twophase import failures
 from hicache_ha.sim.servers import free_port
-from tests.control.conftest import KEY, KEYS, wait_for
+from tests.control.conftest import DEADLINES, KEY, KEYS, MEM, wait_for
 from tests.control.outsider import Outsider
 from tests.control.test_multiprocess import Deployment
 from tests.control.test_security import IDENT, attempts
 from tests.sglang.conftest import build
-
-MEM = [{"name": "primary", "type": "memory"}, {"name": "standby", "type": "memory"}]
 
 
 def threads(word: str) -> int:
@@ -150,7 +148,7 @@ def agent_connection(pid: int, agent_port: int):
 
 @pytest.fixture
 def processes(tmp_path):
-    d = Deployment(tmp_path, {"backends": MEM, "deadlines_ms": {"exists": 50, "get": 300, "set": 500}})
+    d = Deployment(tmp_path, {"backends": MEM, "deadlines_ms": DEADLINES})
     try:
         yield d
     finally:

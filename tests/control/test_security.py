@@ -10,10 +10,9 @@ import pytest
 import zmq
 
 from hicache_ha.control.keys import channel_keys
-from tests.control.conftest import AUTH, KEY, KEYS, wait_for
+from tests.control.conftest import AUTH, KEY, KEYS, MEM, wait_for
 from tests.control.outsider import ForgedController, Outsider, ghost_commands
 
-MEM = [{"name": "primary", "type": "memory"}, {"name": "standby", "type": "memory"}]
 IDENT = {"tp": 3, "pp": 0, "dp": 0, "cp": 0, "tp_size": 4, "pp_size": 1, "dp_size": 1, "cp_size": 1}
 
 

@@ -13,7 +13,7 @@ import pytest
 from hicache_ha.control.client import AdminError
 from hicache_ha.control.keys import channel_keys
 from hicache_ha.control.state import DesiredState, FileStateStore, NotLeader, RedisStateStore
-from tests.control.conftest import AUTH, wait_for
+from tests.control.conftest import AUTH, DEADLINES, wait_for
 from tests.control.outsider import ghost_commands
 from tests.control.test_multiprocess import KEY, RANKS
 from tests.control.test_security import ghost_of_the_old_leader
@@ -123,7 +123,7 @@ def test_the_same_token_from_two_leaders_is_moved_past(cluster_factory, tmp_path
 
 @pytest.fixture
 def pair(tmp_path, redis_server):
-    ha = {"backends": MEM, "deadlines_ms": {"exists": 50, "get": 300, "set": 500},
+    ha = {"backends": MEM, "deadlines_ms": DEADLINES,
           "admin": {"lease_ms": int(LEASE_S * 1000), "state_redis_url": redis_server.url}}
 
     def fence():

@@ -19,13 +19,12 @@ import yaml
 from hicache_ha.control.client import AdminClient
 from hicache_ha.control.keys import channel_keys
 from hicache_ha.sim.servers import free_port
-from tests.control.conftest import wait_for
+from tests.control.conftest import DEADLINES, MEM, wait_for
 from tests.control.outsider import ghost_commands
 from tests.control.test_multiprocess import KEY, RANKS, Deployment
 
 LEASE_S = 2.0
 CYCLES = 3
-MEM = [{"name": "primary", "type": "memory"}, {"name": "standby", "type": "memory"}]
 
 
 class Pair(Deployment):
@@ -112,7 +111,7 @@ class Sampler:
 
 @pytest.fixture(params=["file", "redis"])
 def pair(request, tmp_path):
-    ha = {"backends": MEM, "deadlines_ms": {"exists": 50, "get": 300, "set": 500},
+    ha = {"backends": MEM, "deadlines_ms": DEADLINES,
           "admin": {"lease_ms": int(LEASE_S * 1000)}}
     if request.param == "redis":
         server = request.getfixturevalue("redis_server")

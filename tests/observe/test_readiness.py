@@ -11,11 +11,9 @@ from hicache_ha.control.api import create_app
 from hicache_ha.control.controller import Controller
 from hicache_ha.control.state import FileStateStore
 from hicache_ha.sim.servers import free_port
-from tests.control.conftest import KEY, KEYS, wait_for
+from tests.control.conftest import KEY, KEYS, MEM, wait_for
 from tests.helpers import GATE
 from tests.observe.conftest import solo_process
-
-MEM = [{"name": "primary", "type": "memory"}, {"name": "standby", "type": "memory"}]
 
 
 def test_the_rollout_gate_is_ready_only_while_every_expected_rank_heartbeats(cluster_factory):
