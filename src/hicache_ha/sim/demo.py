@@ -159,10 +159,11 @@ def run_demo(*, duration: float = 30.0, ranks: int = 2, page_kib: int = 64, engi
             if injected and not healed:
                 fault.heal()
             result.events, result.lag = runner.finish(lag)
-        print_summary(console, result)
+        summary = result.summary()
+        print_summary(console, result, summary)
         if os.environ.get(SUMMARY_ENV):
             with open(os.environ[SUMMARY_ENV], "w", encoding="utf-8") as f:
-                json.dump(result.summary(), f, indent=2)
+                json.dump(summary, f, indent=2)
         return result
     finally:
         lag.stop()

@@ -46,10 +46,6 @@ class DemoResult:
                 firsts.setdefault(e.rank, (e.time - since) * 1000)
         return dict(sorted(firsts.items()))
 
-    def after_fault_ms(self, **match) -> list[float]:
-        """Per rank: ms from the fault to the first event matching ``match`` (after the fault)."""
-        return list(self.per_rank_ms(self.fault_wall, **match).values())
-
     def healthy_members_tripped(self) -> list[str]:
         """Members other than the failed primary that went circuit_broken: there should be none."""
         return sorted({f"rank {e.rank} {e.backend}" for e in self.events
@@ -149,45 +145,41 @@ def status_line(st: SimStats, members: str, phase: str, bound_ms: float, faulty:
     return text
 
 
-def print_summary(console: Console, result: DemoResult) -> None:
+def print_summary(console: Console, result: DemoResult, s: dict) -> None:
+    """``result`` for a person, from its ``summary()`` ``s``."""
     table = Table(title="What the engine saw (every storage call, both ranks)")
     for col in ("phase", "calls", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "gets served", "hit rate"):
         table.add_column(col, justify="right" if col != "phase" else "left")
-    for row in result.phase_rows():
+    for row in s["phases"]:
         table.add_row(row["phase"], str(row["calls"]), f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}",
                       f"{row['p999_ms']:.1f}", f"{row['max_ms']:.1f}", str(row["get_ok"]), f"{row['hit_rate']:.1%}")
     console.print(table)
-    st = result.stats
     console.print(
-        f"requests {st.requests}, pages hit {st.pages_hit}/{st.pages_requested}, written {st.pages_written}; "
-        f"errors surfaced to the engine: {st.errors_surfaced}; pages that failed verification: {st.verify_failures}"
+        f"requests {s['requests']}, pages hit {s['pages_hit']}/{s['pages_requested']}, written {s['pages_written']}; "
+        f"errors surfaced to the engine: {s['errors']}; pages that failed verification: {s['bad_pages']}"
     )
-    detect = result.after_fault_ms(backend="primary", to="circuit_broken")
-    serve = result.after_fault_ms(role="active", to="standby")
+    detect, serve = s["primary_circuit_broken_ms"].values(), s["standby_serving_ms"].values()
     if detect:
-        console.print(f"fault ({result.fault_name}) → primary circuit_broken: "
+        console.print(f"fault ({s['fault']}) → primary circuit_broken: "
                       + ", ".join(f"{ms:.0f} ms" for ms in detect)
                       + "; → standby serving: " + (", ".join(f"{ms:.0f} ms" for ms in serve) or "never")
                       + " (per rank)")
     if result.heal_wall is not None:
-        healthy = result.per_rank_ms(result.heal_wall, backend="primary", to="healthy").values()
-        console.print(f"{result.phases[-1].name} → primary healthy again: "
+        healthy = s["primary_healthy_again_ms"].values()
+        console.print(f"{s['phases'][-1]['phase']} → primary healthy again: "
                       + (", ".join(f"{ms:.0f} ms" for ms in healthy) or "not yet") + " (per rank)")
-    tripped = result.healthy_members_tripped()
+    tripped = s["healthy_members_tripped"]
     console.print(f"healthy members tripped: {len(tripped)}" + (f" ({', '.join(tripped)})" if tripped else ""),
                   style="red" if tripped else None)
-    over = result.over_bound()
-    if over:
-        worst = max(over, key=lambda s: s.seconds)
-        lag_ms = result.worst_lag_ms(over)
+    bound, slowest = s["bound_ms"], s["slowest_ms"]
+    if s["over_bound"]:
         console.print(
-            f"[yellow]{len(over)} of {len(st.samples)} calls took longer than the bound ({result.bound_ms:.0f} ms = "
-            f"deadline + 20 ms); the slowest {worst.seconds * 1000:.1f} ms, {worst.seconds * 1000 - result.bound_ms:.1f} ms "
-            f"over. While they ran, this process was kept from running for up to {lag_ms:.0f} ms at a time "
-            f"(measured by a thread that sleeps 2 ms): the machine's CPUs were busy, and a call cannot return "
-            f"before the operating system runs it again.[/]")
+            f"[yellow]{s['over_bound']} of {s['calls']} calls took longer than the bound ({bound:.0f} ms = "
+            f"deadline + 20 ms); the slowest {slowest:.1f} ms, {slowest - bound:.1f} ms "
+            f"over. While they ran, this process was kept from running for up to {s['lag_while_over_bound_ms']:.0f} "
+            f"ms at a time (measured by a thread that sleeps 2 ms): the machine's CPUs were busy, and a call cannot "
+            f"return before the operating system runs it again.[/]")
     else:
-        worst_ms = max((s.seconds * 1000 for s in st.samples), default=0.0)
-        console.print(f"every call within its bound: slowest {worst_ms:.1f} ms (bound {result.bound_ms:.0f} ms)")
-    console.print("[bold green]the engine saw no error and no wrong page[/]" if result.clean
+        console.print(f"every call within its bound: slowest {slowest:.1f} ms (bound {bound:.0f} ms)")
+    console.print("[bold green]the engine saw no error and no wrong page[/]" if s["clean"]
                   else "[bold red]contract violated: the engine saw an error or a wrong page[/]")
